@@ -1,0 +1,77 @@
+"""The interface the HTTP layer uses to talk to an engine. Torch-free.
+
+``app`` depends on this Protocol only; the real implementation is
+``engine.core.async_engine.AsyncEngine`` and tests may hand the app any object that satisfies it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+from engine.outputs import EngineStats, GenerationDelta, ModelInfo
+from engine.params import SamplingParams
+
+
+class TokenizerLike(Protocol):
+    """The tokenizer facade the app needs (prompt building, /tokenize, logprob token strings)."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def eos_token_id(self) -> int: ...
+
+    @property
+    def bos_token_id(self) -> int | None: ...
+
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja template from tokenizer_config.json, if the checkpoint ships one."""
+        ...
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        """Each token's own text as it reads in the output (sentencepiece '▁' as a space; a
+        byte-fallback token that is not a whole character as its bytes' escape ``bytes:\\xNN``,
+        the way OpenAI spells it)."""
+        ...
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The UTF-8 bytes this token contributes to the text."""
+        ...
+
+
+class EngineClient(Protocol):
+    @property
+    def model_info(self) -> ModelInfo: ...
+
+    @property
+    def tokenizer(self) -> TokenizerLike: ...
+
+    def generate(self, prompt_token_ids: Sequence[int], params: SamplingParams,
+                 request_id: str) -> AsyncIterator[GenerationDelta]:
+        """Queue a request and yield its output increments; the last one has finish_reason.
+
+        Raises ``ValueError`` at once (before yielding) for a prompt the engine cannot take
+        (empty, token ids outside the vocabulary, longer than max_model_len - 1). Closing the
+        iterator early aborts the request.
+        """
+        ...
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its KV blocks. Unknown or finished ids are ignored."""
+        ...
+
+    def stats(self) -> EngineStats: ...
+
+    async def start(self) -> None:
+        """Start the engine loop (after the model is loaded)."""
+        ...
+
+    async def shutdown(self) -> None:
+        """Stop the loop; requests still running finish with FinishReason.ABORT."""
+        ...

@@ -1,0 +1,74 @@
+"""Engine settings: one frozen dataclass, validated on construction.
+
+The HTTP layer's settings object builds this; nothing else in the engine reads flags or env vars.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "TheBloke/Llama-2-13B-GPTQ"
+    revision: str | None = "main"
+    # Where downloaded checkpoints live (None: huggingface_hub's default cache).
+    download_dir: str | None = None
+    # Never touch the network: load only what is already on disk.
+    offline: bool = False
+    # None: the checkpoint's max_position_embeddings.
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    # Token budget of one step (prefill chunks plus decode tokens).
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    # Explicit KV pool size in blocks; None sizes it from memory (gpu_memory_utilization on a
+    # GPU, kv_cache_memory_gb on the CPU).
+    num_kv_blocks: int | None = None
+    gpu_memory_utilization: float = 0.90
+    kv_cache_memory_gb: float = 1.0
+    # "auto" picks "cuda" when a GPU is present, else "cpu".
+    device: str = "auto"
+    # "auto" picks "exllama" on CUDA when it can, else "torch".
+    linear_backend: str = "auto"
+    # "auto" picks "triton" on CUDA, else "torch".
+    attention_backend: str = "auto"
+    # "auto": float16 on CUDA, float32 on the CPU (fp16 matmuls on CPU are slow and inexact).
+    dtype: str = "auto"
+    # Capture decode steps in CUDA graphs (ignored on the CPU).
+    cuda_graphs: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ConfigError("model must name a hub repo id or a local checkpoint folder")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError(f"max_model_len must be positive, got {self.max_model_len}")
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ConfigError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                f"max_num_seqs ({self.max_num_seqs}) so every running sequence can decode")
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise ConfigError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ConfigError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
+        if not 0.05 <= self.gpu_memory_utilization <= 0.99:
+            raise ConfigError("gpu_memory_utilization must be between 0.05 and 0.99, got "
+                              f"{self.gpu_memory_utilization}")
+        if self.kv_cache_memory_gb <= 0:
+            raise ConfigError(f"kv_cache_memory_gb must be positive, got {self.kv_cache_memory_gb}")
+        _one_of("device", self.device, ("auto", "cpu", "cuda"))
+        _one_of("linear_backend", self.linear_backend, ("auto", "torch", "exllama"))
+        _one_of("attention_backend", self.attention_backend, ("auto", "torch", "triton"))
+        _one_of("dtype", self.dtype, ("auto", "float16", "bfloat16", "float32"))
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")

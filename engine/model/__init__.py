@@ -1,0 +1,1 @@
+"""The Llama forward pass over two seams: quantised linears and paged attention."""

@@ -1,0 +1,1 @@
+"""Quantised-linear backends. Each takes GPTQLinearWeights and computes x @ W^T."""

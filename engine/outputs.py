@@ -1,0 +1,101 @@
+"""What the engine hands back to its callers. Torch-free: the HTTP layer consumes these."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the model's context length
+    ABORT = "abort"  # the caller aborted the request (client gone)
+    ERROR = "error"  # an internal fault ended it; see GenerationDelta.error
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The logprob of one sampled (or prompt) token and its top alternatives."""
+
+    token_id: int
+    logprob: float
+    # The most likely tokens at this position, best first: (token_id, logprob).
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class RequestTimings:
+    """Wall-clock seconds (time.monotonic) of a request's milestones, for metrics."""
+
+    arrival: float
+    first_scheduled: float | None
+    first_token: float | None
+    finished: float | None
+
+
+@dataclass(frozen=True)
+class GenerationDelta:
+    """One increment of a request's output.
+
+    Concatenating ``text`` over all deltas gives exactly the final text (stop strings removed);
+    ``token_ids`` concatenated are all generated tokens (including the one that completed a stop
+    string or was a stop token, so usage counts are exact). ``finish_reason`` is set on the last
+    delta only, and no delta follows it.
+    """
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    # One entry per token in ``token_ids`` when logprobs were asked for, else None.
+    logprobs: tuple[TokenLogprob, ...] | None
+    num_prompt_tokens: int
+    num_output_tokens: int  # cumulative, including this delta
+    finish_reason: FinishReason | None = None
+    # Which stop string or stop token id ended the request, when one did.
+    stop_reason: str | int | None = None
+    # Set only on the first delta when prompt_logprobs was asked for; entry 0 is None.
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    # Set only on the last delta.
+    timings: RequestTimings | None = None
+    num_preemptions: int = 0
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine for health checks and metrics. Counters are totals since start."""
+
+    num_running: int
+    num_waiting: int
+    num_kv_blocks_total: int
+    num_kv_blocks_free: int
+    num_preemptions_total: int
+    num_prompt_tokens_total: int
+    num_generation_tokens_total: int
+    num_steps_total: int
+    loop_alive: bool
+
+    @property
+    def kv_cache_usage(self) -> float:
+        used = self.num_kv_blocks_total - self.num_kv_blocks_free
+        return used / self.num_kv_blocks_total if self.num_kv_blocks_total else 0.0
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What was loaded, for /v1/models and the model-info metric."""
+
+    model: str  # the repo id or local path given by the user
+    revision: str | None
+    bits: int
+    group_size: int | None  # None: one group over the whole input (-1 in quantize_config)
+    act_order: bool
+    linear_backend: str  # e.g. "torch", "exllama", "fp16-expanded"
+    attention_backend: str
+    max_model_len: int
+    vocab_size: int
+    device: str
