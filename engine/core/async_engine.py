@@ -1,0 +1,192 @@
+"""The asyncio front of the engine: a background thread owns the model and steps while work
+exists; callers on the event loop see ``generate()`` as an async iterator of deltas.
+
+Threading contract: only the engine thread touches LLMEngine's mutable state (scheduler, runner,
+request states). Callers talk to it through a locked inbox of commands; the thread hands deltas
+back with one ``call_soon_threadsafe`` per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from engine.config import EngineConfig
+from engine.core.llm_engine import LLMEngine
+from engine.outputs import EngineStats, FinishReason, GenerationDelta, ModelInfo
+from engine.params import SamplingParams
+from engine.tokenizer.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+# How long the idle loop sleeps before re-checking for shutdown; requests wake it at once.
+_IDLE_WAIT_S = 0.5
+
+
+@dataclass(frozen=True)
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self._engine = engine
+        self._inbox: deque[_Add | _Abort] = deque()
+        self._inbox_lock = threading.Lock()
+        self._num_pending_adds = 0
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # request_id -> its delta queue; touched only on the event loop.
+        self._queues: dict[str, asyncio.Queue[GenerationDelta | BaseException]] = {}
+        self._stats = self._snapshot(alive=False)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncEngine:
+        return cls(LLMEngine.from_config(config))
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return self._engine.model_info
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._engine.tokenizer
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+        self._stats = self._snapshot(alive=True)
+
+    async def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    async def generate(self, prompt_token_ids: Sequence[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[GenerationDelta]:
+        if self._loop is None or self._stop.is_set():
+            raise RuntimeError("the engine is not running")
+        if request_id in self._queues:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self._engine.validate_prompt(prompt_token_ids)  # reads only immutable state
+        queue: asyncio.Queue[GenerationDelta | BaseException] = asyncio.Queue()
+        self._queues[request_id] = queue
+        self._post(_Add(request_id, list(prompt_token_ids), params))
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._post(_Abort(request_id))
+
+    def _post(self, command: _Add | _Abort) -> None:
+        with self._inbox_lock:
+            self._inbox.append(command)
+            if isinstance(command, _Add):
+                self._num_pending_adds += 1
+        self._wake.set()
+
+    # ---- engine thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        engine = self._engine
+        try:
+            while not self._stop.is_set():
+                if not engine.has_work:
+                    self._wake.wait(_IDLE_WAIT_S)
+                self._wake.clear()
+                out = self._drain_inbox()
+                if engine.has_work:
+                    out.extend(self._step())
+                self._stats = self._snapshot(alive=True)
+                self._deliver(out)
+            self._deliver(engine.abort_all(FinishReason.ABORT, "the server is shutting down"))
+        except BaseException:
+            log.exception("the engine loop died")
+            raise
+        finally:
+            self._stats = self._snapshot(alive=False)
+
+    def _step(self) -> list[GenerationDelta]:
+        try:
+            return self._engine.step()
+        except Exception as exc:  # a fault in one step must not take the server down
+            log.exception("engine step failed; ending the requests in flight")
+            return self._engine.abort_all(FinishReason.ERROR, f"internal engine error: {exc}")
+
+    def _drain_inbox(self) -> list[GenerationDelta | tuple[str, BaseException]]:
+        with self._inbox_lock:
+            commands = list(self._inbox)
+            self._inbox.clear()
+            self._num_pending_adds = 0
+        out: list[GenerationDelta | tuple[str, BaseException]] = []
+        for command in commands:
+            if isinstance(command, _Add):
+                try:
+                    self._engine.add_request(command.request_id, command.prompt_token_ids,
+                                             command.params)
+                except Exception as exc:
+                    out.append((command.request_id, exc))
+            else:
+                delta = self._engine.abort_request(command.request_id)
+                if delta is not None:
+                    out.append(delta)
+        return out
+
+    def _deliver(self, items: list) -> None:
+        if items and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._dispatch, items)
+
+    def _dispatch(self, items: list[GenerationDelta | tuple[str, BaseException]]) -> None:
+        for item in items:
+            if isinstance(item, GenerationDelta):
+                request_id, payload = item.request_id, item
+            else:
+                request_id, payload = item
+            queue = self._queues.get(request_id)
+            if queue is not None:
+                queue.put_nowait(payload)
+
+    def _snapshot(self, alive: bool) -> EngineStats:
+        engine = self._engine
+        blocks = engine.scheduler.block_manager
+        return EngineStats(
+            num_running=len(engine.scheduler.running),
+            num_waiting=len(engine.scheduler.waiting) + self._num_pending_adds,
+            num_kv_blocks_total=blocks.num_blocks,
+            num_kv_blocks_free=blocks.num_free_blocks,
+            num_preemptions_total=engine.scheduler.num_preemptions_total,
+            num_prompt_tokens_total=engine.counters.num_prompt_tokens,
+            num_generation_tokens_total=engine.counters.num_generation_tokens,
+            num_steps_total=engine.counters.num_steps,
+            loop_alive=alive,
+        )

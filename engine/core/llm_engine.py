@@ -1,0 +1,168 @@
+"""The synchronous engine: requests in, one step at a time, deltas out. Single-threaded.
+
+The step loop reads in three lines, as in nano-vllm:
+
+    out = scheduler.schedule(); result = runner.run(out); deltas = self._postprocess(out, result)
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+from engine.checkpoint.loader import load_checkpoint
+from engine.config import EngineConfig
+from engine.core.block_manager import BlockManager
+from engine.core.build import (
+    make_attention_backend,
+    make_linear_backend,
+    num_kv_blocks,
+    resolve_device,
+    resolve_dtype,
+)
+from engine.core.output_processor import OutputProcessor, RequestState
+from engine.core.runner import ModelRunner, StepResult
+from engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine.core.sequence import Sequence
+from engine.model.llama import LlamaModel
+from engine.outputs import FinishReason, GenerationDelta, ModelInfo
+from engine.params import SamplingParams
+from engine.tokenizer.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class PromptError(ValueError):
+    """A prompt the engine cannot take. ``param`` names the offending request field."""
+
+    def __init__(self, message: str, param: str = "prompt",
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+@dataclass
+class EngineCounters:
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    num_steps: int = 0
+
+
+class LLMEngine:
+    def __init__(self, model_info: ModelInfo, tokenizer: Tokenizer, scheduler: Scheduler,
+                 runner: ModelRunner) -> None:
+        self.model_info = model_info
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.runner = runner
+        self.max_model_len = model_info.max_model_len
+        self.outputs = OutputProcessor(tokenizer, self.max_model_len)
+        self.counters = EngineCounters()
+        self._states: dict[str, RequestState] = {}
+        self._seq_ids = itertools.count()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLMEngine:
+        device = resolve_device(config)
+        dtype = resolve_dtype(config, device)
+        ckpt = load_checkpoint(config.model, config.revision,
+                               download_dir=config.download_dir, offline=config.offline)
+        arch = ckpt.arch
+        max_model_len = config.max_model_len or arch.max_position_embeddings
+        tokenizer = Tokenizer.from_pretrained(ckpt.path)
+        linear = make_linear_backend(config, ckpt.quant, device, dtype)
+        attention = make_attention_backend(config, device)
+        model = LlamaModel(arch, ckpt.weights, linear, attention, dtype, device,
+                           max_position=max(max_model_len, arch.max_position_embeddings))
+        del ckpt.weights  # the model holds what it needs in its own layout
+        linear.post_init(config.max_num_batched_tokens)
+        blocks = num_kv_blocks(config, arch, device, dtype, max_model_len)
+        runner = ModelRunner(model, blocks, config.block_size, tokenizer.eos_token_id,
+                             tokenizer.vocab_size, config.seed)
+        scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len),
+            BlockManager(blocks, config.block_size))
+        info = ModelInfo(model=config.model, revision=config.revision, bits=ckpt.quant.bits,
+                         group_size=ckpt.quant.group_size, act_order=ckpt.quant.desc_act,
+                         linear_backend=linear.name, attention_backend=attention.name,
+                         max_model_len=max_model_len, vocab_size=tokenizer.vocab_size,
+                         device=str(device))
+        log.info("engine ready: %s", info)
+        return cls(info, tokenizer, scheduler, runner)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def validate_prompt(self, prompt_token_ids: Seq[int]) -> None:
+        if not prompt_token_ids:
+            raise PromptError("the prompt is empty")
+        vocab = self.tokenizer.vocab_size
+        for t in prompt_token_ids:
+            if not isinstance(t, int) or not 0 <= t < vocab:
+                raise PromptError(f"token id {t!r} is outside the vocabulary [0, {vocab})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise PromptError(
+                f"the prompt has {len(prompt_token_ids)} tokens; this model's maximum context "
+                f"length is {self.max_model_len}, which must leave room for at least one new "
+                "token", code="context_length_exceeded")
+
+    def add_request(self, request_id: str, prompt_token_ids: Seq[int],
+                    params: SamplingParams) -> None:
+        if request_id in self._states:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.validate_prompt(prompt_token_ids)
+        seq = Sequence(next(self._seq_ids), request_id, list(prompt_token_ids), params)
+        self._states[request_id] = self.outputs.new_state(seq)
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> GenerationDelta | None:
+        """End a request now; returns its final ABORT delta, or None if it is not running."""
+        state = self._states.get(request_id)
+        if state is None:
+            return None
+        return self._finish(state, FinishReason.ABORT)
+
+    def abort_all(self, reason: FinishReason, error: str | None = None) -> list[GenerationDelta]:
+        return [self._finish(state, reason, error) for state in list(self._states.values())]
+
+    def step(self) -> list[GenerationDelta]:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        result = self.runner.run(out)
+        self.scheduler.on_step_done(out)
+        return self._postprocess(out, result)
+
+    def _postprocess(self, out: SchedulerOutput, result: StepResult) -> list[GenerationDelta]:
+        self.counters.num_steps += 1
+        deltas: list[GenerationDelta] = []
+        for s, sampled in zip(out.scheduled, result.sampled, strict=True):
+            state = self._states[s.seq.request_id]
+            if s.seq.seq_id in result.prompt_logprobs:
+                self.outputs.add_prompt_logprobs(state, result.prompt_logprobs[s.seq.seq_id])
+            if sampled is None:
+                continue
+            self.counters.num_generation_tokens += 1
+            if s.seq.num_output_tokens == 0:
+                # Counted once, when the prefill completes (not again after a preemption).
+                self.counters.num_prompt_tokens += s.seq.num_prompt_tokens
+            delta = self.outputs.on_token(state, sampled)
+            if delta.finished:
+                self._release(state)
+            deltas.append(delta)
+        return deltas
+
+    def _finish(self, state: RequestState, reason: FinishReason,
+                error: str | None = None) -> GenerationDelta:
+        delta = self.outputs.on_finish(state, reason, error)
+        self._release(state)
+        return delta
+
+    def _release(self, state: RequestState) -> None:
+        self.scheduler.finish(state.seq)
+        self.runner.release(state.seq.seq_id)
+        del self._states[state.seq.request_id]

@@ -1,0 +1,118 @@
+"""Runs one scheduled step: builds the batch, runs the model, samples. Makes no policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.core.batch import StepInputs, build_step_inputs
+from engine.core.scheduler import ScheduledSeq, SchedulerOutput
+from engine.model.llama import KVCache, LlamaModel
+from engine.outputs import TokenLogprob
+from engine.sampling.sampler import Sampler, SamplingRow
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    token_id: int
+    logprob: TokenLogprob | None
+
+
+@dataclass(frozen=True)
+class StepResult:
+    # One entry per SchedulerOutput.scheduled, in order: the new token, or None for a
+    # prefill chunk that did not reach the end of the sequence.
+    sampled: tuple[SampledToken | None, ...]
+    # seq_id -> logprobs of the prompt tokens predicted in this step's chunk, in order
+    # (entry k is for prompt token start + k + 1).
+    prompt_logprobs: dict[int, list[TokenLogprob]]
+
+
+def kv_bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
+                       dtype: torch.dtype) -> int:
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * element
+
+
+def allocate_kv_caches(model: LlamaModel, num_blocks: int, block_size: int) -> list[KVCache]:
+    arch = model.arch
+    shape = (num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
+    return [(torch.zeros(shape, dtype=model.dtype, device=model.device),
+             torch.zeros(shape, dtype=model.dtype, device=model.device))
+            for _ in range(arch.num_layers)]
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int,
+                 eos_token_id: int, vocab_size: int, seed: int) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.eos_token_id = eos_token_id
+        self.kv_caches = allocate_kv_caches(model, num_blocks, block_size)
+        self.sampler = Sampler(vocab_size, seed=seed)
+        self.vocab_size = vocab_size
+        # Per-request generators for seeded sampling, keyed by seq_id; released on finish.
+        self._generators: dict[int, torch.Generator] = {}
+
+    def run(self, out: SchedulerOutput) -> StepResult:
+        inputs = build_step_inputs(out, self.block_size, self.model.device)
+        hidden = self.model.forward(inputs.input_ids, inputs.positions, self.kv_caches,
+                                    inputs.meta)  # [T, hidden]
+        prompt_logprobs = self._prompt_logprobs(out, inputs, hidden)
+        sampled: list[SampledToken | None] = [None] * len(out.scheduled)
+        if inputs.sampling_seq_indices:
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [S, V]
+            rows = [self._sampling_row(out.scheduled[i]) for i in inputs.sampling_seq_indices]
+            result = self.sampler(logits, rows)
+            for i, token_id, logprob in zip(inputs.sampling_seq_indices, result.token_ids,
+                                            result.logprobs, strict=True):
+                sampled[i] = SampledToken(token_id, logprob)
+        return StepResult(tuple(sampled), prompt_logprobs)
+
+    def release(self, seq_id: int) -> None:
+        self._generators.pop(seq_id, None)
+
+    def _sampling_row(self, s: ScheduledSeq) -> SamplingRow:
+        seq = s.seq
+        params = seq.params
+        generator = None
+        if params.seed is not None:
+            generator = self._generators.get(seq.seq_id)
+            if generator is None:
+                generator = torch.Generator(device=self.model.device)
+                generator.manual_seed(params.seed)
+                self._generators[seq.seq_id] = generator
+        suppress: tuple[int, ...] = ()
+        if seq.num_output_tokens < params.min_tokens:
+            suppress = (self.eos_token_id, *params.stop_token_ids)
+        return SamplingRow(params=params, prompt_token_ids=seq.prompt_token_ids,
+                           output_token_ids=seq.output_token_ids, generator=generator,
+                           suppress_token_ids=suppress)
+
+    def _prompt_logprobs(self, out: SchedulerOutput, inputs: StepInputs,
+                         hidden: torch.Tensor) -> dict[int, list[TokenLogprob]]:
+        """Logprobs of prompt tokens for sequences that asked (echo with logprobs)."""
+        result: dict[int, list[TokenLogprob]] = {}
+        for i, s in enumerate(out.scheduled):
+            seq = s.seq
+            k = seq.params.prompt_logprobs
+            start = seq.num_computed_tokens
+            # Row p predicts token p + 1; only prompt tokens are of interest.
+            end = min(start + s.num_new_tokens, seq.num_prompt_tokens - 1)
+            if k is None or start >= end:
+                continue
+            row0 = inputs.meta.query_start_loc_cpu[i]
+            logits = self.model.compute_logits(hidden[row0:row0 + end - start])
+            logprobs = torch.log_softmax(logits[:, :self.vocab_size], dim=-1)  # [n, V]
+            targets = torch.tensor(seq.prompt_token_ids[start + 1:end + 1],
+                                   device=logprobs.device)
+            chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+            top_vals, top_ids = (logprobs.topk(k, dim=-1) if k > 0
+                                 else (logprobs[:, :0], logprobs[:, :0].long()))
+            top_vals_l, top_ids_l = top_vals.tolist(), top_ids.tolist()
+            result[seq.seq_id] = [
+                TokenLogprob(int(t), float(c), tuple(zip(ids, vals, strict=True)))
+                for t, c, ids, vals in zip(targets.tolist(), chosen, top_ids_l, top_vals_l,
+                                           strict=True)]
+        return result

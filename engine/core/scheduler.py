@@ -1,0 +1,143 @@
+"""Continuous batching over the paged KV cache. Torch-free.
+
+NOTE: there is no separate prefill phase or decode phase. Each step hands every scheduled
+sequence a number of new tokens to compute: 1 for a decoding sequence, up to the rest of the
+prompt for a prefilling one (chunked when the step's token budget runs short). Policy:
+
+1. Running sequences first, oldest first. Each needs KV blocks for its new tokens; when the pool
+   is dry the youngest running sequence is preempted (its blocks freed, recomputed later) until
+   the older one fits. Older requests therefore always make progress.
+2. Then waiting sequences in arrival order, while the token budget, ``max_num_seqs`` and free
+   blocks allow. Admission stops at the first one that does not fit (no overtaking), so nothing
+   starves: the head of the queue gets the next blocks to come free.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from engine.core.block_manager import BlockManager
+from engine.core.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    seq: Sequence
+    # Compute tokens [seq.num_computed_tokens, + num_new_tokens) this step.
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step yields logits for a new token of the sequence."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """The only thing the runner receives. Sequences appear in batch order."""
+
+    scheduled: tuple[ScheduledSeq, ...]
+    preempted: tuple[Sequence, ...]
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # oldest first
+        self.num_preemptions_total = 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        preempted: list[Sequence] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if not self._make_room(seq, num_new, preempted):
+                break  # seq itself was the youngest and got preempted
+            scheduled.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+            i += 1
+
+        # Admit waiting sequences only when no running one had to give way this step.
+        while self.waiting and budget > 0 and not preempted \
+                and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if not self.block_manager.can_allocate(seq, seq.num_computed_tokens + num_new):
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(seq, seq.num_computed_tokens + num_new)
+            seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
+            self.running.append(seq)
+            scheduled.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+        return SchedulerOutput(tuple(scheduled), tuple(preempted))
+
+    def _make_room(self, seq: Sequence, num_new: int, preempted: list[Sequence]) -> bool:
+        """Allocate blocks for ``seq``'s next ``num_new`` tokens, preempting the youngest running
+        sequences as needed. Returns False if ``seq`` itself had to be preempted."""
+        target = seq.num_computed_tokens + num_new
+        while not self.block_manager.can_allocate(seq, target):
+            victim = self.running[-1]
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        self.block_manager.allocate(seq, target)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions_total += 1
+        # Back to the head of the queue: it is older than everything waiting behind it.
+        self.waiting.appendleft(seq)
+
+    def on_step_done(self, output: SchedulerOutput) -> None:
+        """Advance each scheduled sequence's computed-token count after the model ran."""
+        for s in output.scheduled:
+            s.seq.num_computed_tokens += s.num_new_tokens
+
+    def finish(self, seq: Sequence) -> None:
+        """End ``seq`` (stopped, length, aborted or failed) and free all its blocks."""
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status == SequenceStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED

@@ -1,0 +1,75 @@
+"""A request's token sequence and its lifecycle state. Torch-free."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from engine.params import SamplingParams
+
+
+class SequenceStatus(enum.IntEnum):
+    """Ordered so that "finished" is one comparison: ``status >= SequenceStatus.FINISHED``."""
+
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One generation stream. Invariants:
+
+    - ``num_computed_tokens`` tokens (a prefix of ``all_token_ids``) have their K/V in the
+      blocks of ``block_table``; ``len(block_table) * block_size >= num_computed_tokens``.
+    - A WAITING sequence holds no blocks and has ``num_computed_tokens == 0`` (preemption is by
+      recompute: its prompt and outputs so far are prefilled again when it is readmitted).
+    - A step samples a new token for a sequence only when it computes the sequence's last
+      known token (the final chunk of a prefill, or a decode step); earlier prefill chunks
+      only fill the cache.
+    """
+
+    seq_id: int
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_preemptions: int = 0
+    first_scheduled_time: float | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status >= SequenceStatus.FINISHED
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, without building the concatenation."""
+        n_prompt = len(self.prompt_token_ids)
+        if end <= n_prompt:
+            return self.prompt_token_ids[start:end]
+        if start >= n_prompt:
+            return self.output_token_ids[start - n_prompt:end - n_prompt]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - n_prompt]
+
+    def append_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
