@@ -77,7 +77,6 @@ class LLMEngine:
         attention = make_attention_backend(config, device)
         model = LlamaModel(arch, ckpt.weights, linear, attention, dtype, device,
                            max_position=max(max_model_len, arch.max_position_embeddings))
-        del ckpt.weights  # the model holds what it needs in its own layout
         linear.post_init(config.max_num_batched_tokens)
         blocks = num_kv_blocks(config, arch, device, dtype, max_model_len)
         runner = ModelRunner(model, blocks, config.block_size, tokenizer.eos_token_id,

@@ -1,0 +1,42 @@
+"""Shared fixtures: synthetic checkpoints (made once per session) and engines over them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.config import EngineConfig
+from tests.checkpoints import make_checkpoint
+
+# The eight quantisation layouts of TheBloke/Llama-2-13B-GPTQ's branches: (bits, group, act-order)
+BRANCHES = {
+    "main": (4, 128, False),
+    "gptq-4bit-32g-actorder_True": (4, 32, True),
+    "gptq-4bit-64g-actorder_True": (4, 64, True),
+    "gptq-4bit-128g-actorder_True": (4, 128, True),
+    "gptq-8bit-128g-actorder_True": (8, 128, True),
+    "gptq-8bit-64g-actorder_True": (8, 64, True),
+    "gptq-8bit-128g-actorder_False": (8, 128, False),
+    "gptq-8bit--1g-actorder_True": (8, None, True),
+}
+
+
+@pytest.fixture(scope="session")
+def checkpoint_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(checkpoint_root: Path) -> Path:
+    """The default tiny test model: 4-bit, group size 32, act-order on."""
+    return make_checkpoint(checkpoint_root, bits=4, group_size=32, act_order=True)
+
+
+def cpu_engine_config(path: Path, **overrides: object) -> EngineConfig:
+    values: dict[str, object] = dict(model=str(path), revision=None, offline=True, device="cpu",
+                                     dtype="float32", num_kv_blocks=256, block_size=16,
+                                     max_num_seqs=32, max_num_batched_tokens=512,
+                                     max_model_len=1024)
+    values.update(overrides)
+    return EngineConfig(**values)  # type: ignore[arg-type]
