@@ -70,7 +70,8 @@ def test_a_small_kv_pool_preempts_yet_every_output_is_identical(
 def test_aborts_mid_prefill_and_mid_decode_return_every_block(tiny_checkpoint: Path) -> None:
     # A budget of 16 tokens chunks the long prompt's prefill over several steps.
     engine = LLMEngine.from_config(cpu_engine_config(
-        tiny_checkpoint, num_kv_blocks=16, max_num_batched_tokens=16, max_num_seqs=4))
+        tiny_checkpoint, num_kv_blocks=16, max_model_len=200, max_num_batched_tokens=16,
+        max_num_seqs=4))
     params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
     engine.add_request("long", [1] + [5] * 100, params)
     engine.add_request("short", [1, 6, 7], params)
