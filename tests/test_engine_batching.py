@@ -132,7 +132,11 @@ def test_streamed_text_concatenates_to_the_decoded_output(tiny_checkpoint: Path)
     deltas = run_to_completion(engine, {"t": (prompt, SamplingParams(
         temperature=1.0, seed=3, max_tokens=40, ignore_eos=True))})["t"]
     tokens = output_tokens(deltas)
-    assert "".join(d.text for d in deltas) == engine.tokenizer.decode(tokens)
+    # The completion is the text the tokens add after the prompt (its first token's leading
+    # space included), which is what decoding them in context gives.
+    prompt_text = engine.tokenizer.decode(prompt)
+    expected = engine.tokenizer.decode(prompt + tokens)[len(prompt_text):]
+    assert "".join(d.text for d in deltas) == expected
     assert deltas[-1].num_output_tokens == len(tokens) == 40
 
 
