@@ -26,6 +26,7 @@ from engine.core.output_processor import OutputProcessor, RequestState
 from engine.core.runner import ModelRunner, StepResult
 from engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.core.sequence import Sequence
+from engine.model.cuda_graphs import DecodeGraphConfig
 from engine.model.llama import LlamaModel
 from engine.outputs import FinishReason, GenerationDelta, ModelInfo
 from engine.params import SamplingParams
@@ -79,8 +80,11 @@ class LLMEngine:
                            max_position=max(max_model_len, arch.max_position_embeddings))
         linear.post_init(config.max_num_batched_tokens)
         blocks = num_kv_blocks(config, arch, device, dtype, max_model_len)
+        # Only the Triton attention backend reads every size from device tensors (capturable).
+        graphs = (DecodeGraphConfig(config.max_num_seqs, max_model_len)
+                  if config.cuda_graphs and attention.name == "triton" else None)
         runner = ModelRunner(model, blocks, config.block_size, tokenizer.eos_token_id,
-                             tokenizer.vocab_size, config.seed)
+                             tokenizer.vocab_size, config.seed, graphs)
         scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len),
             BlockManager(blocks, config.block_size))

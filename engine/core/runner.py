@@ -8,6 +8,7 @@ import torch
 
 from engine.core.batch import StepInputs, build_step_inputs
 from engine.core.scheduler import ScheduledSeq, SchedulerOutput
+from engine.model.cuda_graphs import DecodeGraphConfig, DecodeGraphs
 from engine.model.llama import KVCache, LlamaModel
 from engine.outputs import TokenLogprob
 from engine.sampling.sampler import Sampler, SamplingRow
@@ -45,11 +46,20 @@ def allocate_kv_caches(model: LlamaModel, num_blocks: int, block_size: int) -> l
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int,
-                 eos_token_id: int, vocab_size: int, seed: int) -> None:
+                 eos_token_id: int, vocab_size: int, seed: int,
+                 graphs: DecodeGraphConfig | None = None) -> None:
         self.model = model
         self.block_size = block_size
         self.eos_token_id = eos_token_id
-        self.kv_caches = allocate_kv_caches(model, num_blocks, block_size)
+        # With decode graphs, one block past the pool (never handed out by the block manager)
+        # takes the K/V writes of padding rows.
+        extra = 0 if graphs is None else 1
+        self.kv_caches = allocate_kv_caches(model, num_blocks + extra, block_size)
+        self.graphs: DecodeGraphs | None = None
+        if graphs is not None:
+            self.graphs = DecodeGraphs(model, self.kv_caches, graphs, block_size,
+                                       sink_slot=num_blocks * block_size)
+            self.graphs.capture()
         self.sampler = Sampler(vocab_size, seed=seed)
         self.vocab_size = vocab_size
         # Per-request generators for seeded sampling, keyed by seq_id; released on finish.
@@ -57,18 +67,39 @@ class ModelRunner:
 
     def run(self, out: SchedulerOutput) -> StepResult:
         inputs = build_step_inputs(out, self.block_size, self.model.device)
-        hidden = self.model.forward(inputs.input_ids, inputs.positions, self.kv_caches,
-                                    inputs.meta)  # [T, hidden]
-        prompt_logprobs = self._prompt_logprobs(out, inputs, hidden)
+        if self._use_graph(out, inputs):
+            assert self.graphs is not None
+            # One row per sequence: the graph's logits are already per sequence.
+            step_logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+            prompt_logprobs: dict[int, list[TokenLogprob]] = {}
+        else:
+            hidden = self.model.forward(inputs.input_ids, inputs.positions, self.kv_caches,
+                                        inputs.meta)  # [T, hidden]
+            prompt_logprobs = self._prompt_logprobs(out, inputs, hidden)
+            step_logits = None
         sampled: list[SampledToken | None] = [None] * len(out.scheduled)
         if inputs.sampling_seq_indices:
-            logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [S, V]
+            if step_logits is not None:
+                logits = step_logits[inputs.logits_indices]  # [S, V]
+            else:
+                logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [S, V]
             rows = [self._sampling_row(out.scheduled[i]) for i in inputs.sampling_seq_indices]
             result = self.sampler(logits, rows)
             for i, token_id, logprob in zip(inputs.sampling_seq_indices, result.token_ids,
                                             result.logprobs, strict=True):
                 sampled[i] = SampledToken(token_id, logprob)
         return StepResult(tuple(sampled), prompt_logprobs)
+
+    def _use_graph(self, out: SchedulerOutput, inputs: StepInputs) -> bool:
+        """Decode-only steps that fit a captured batch size, unless a row (a one-token prefill
+        chunk) owes prompt logprobs, which need the hidden states the graph does not return."""
+        if self.graphs is None or not inputs.meta.decode_only:
+            return False
+        if self.graphs.bucket_for(inputs.meta.num_seqs) is None:
+            return False
+        return not any(s.seq.params.prompt_logprobs is not None
+                       and s.seq.num_computed_tokens < s.seq.num_prompt_tokens - 1
+                       for s in out.scheduled)
 
     def release(self, seq_id: int) -> None:
         self._generators.pop(seq_id, None)

@@ -1,0 +1,1 @@
+"""Benchmarks: `gptq-serve bench` (engine, server, kernels) and synthetic layers for GPU tests."""

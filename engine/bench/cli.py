@@ -1,0 +1,66 @@
+"""``gptq-serve bench``: engine, server and kernel benchmarks on one GPU.
+
+The app's CLI delegates here: ``configure_parser(p)`` adds the options, ``run(args)`` runs the
+chosen mode and prints one table; the exit status is 0 on success.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from engine.bench import engine_mode, kernels, server_bench
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("mode", nargs="?", default="engine", choices=["engine", "server", "kernels"],
+                   help="engine: our engine, exllamav2's generator and the bandwidth ceiling on "
+                        "one checkpoint; server: a streaming load client against a running "
+                        "server (vLLM's TTFT/TPOT/ITL/latency/throughput); kernels: copy "
+                        "bandwidth, exllama crossover per 13B layer shape, paged attention")
+    p.add_argument("--json-out", default=None, help="also write the rows to this JSON file")
+    engine_mode.configure_parser(p)
+    server_bench.configure_parser(p)
+    kernels.configure_parser(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.mode == "server":
+        # The GPU is the server's; this process only sends requests.
+        return _print(args.base_url, args, server_bench.run(args))
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gptq-serve bench engine/kernels needs an NVIDIA GPU", file=sys.stderr)
+        return 2
+    card = torch.cuda.get_device_name(0)
+    rows = engine_mode.run(args) if args.mode == "engine" else kernels.run(args)
+    return _print(card, args, rows)
+
+
+def _print(card: str, args: argparse.Namespace, rows: list[kernels.Row]) -> int:
+    width = max(len(r.what) for r in rows)
+    print(f"\n## {args.mode} on {card}")
+    for r in rows:
+        value = f"{r.value:>12.2f}" if r.unit else ""
+        print(f"{r.what:<{width}}  {value} {r.unit}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(
+            {"card": card, "mode": args.mode, "rows": [asdict(r) for r in rows]}, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    parser = argparse.ArgumentParser(prog="gptq-serve bench", description=__doc__)
+    configure_parser(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

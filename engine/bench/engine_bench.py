@@ -1,0 +1,160 @@
+"""Our engine, driven step by step in-process: time to first token and decode throughput.
+
+Every request is greedy, ignores EOS and generates exactly ``new_tokens`` tokens, so each run
+does a known amount of work. Each measurement is preceded by a short warm-up run of the same
+shape (Triton compiles a kernel the first time it meets a new configuration).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import EngineConfig
+from engine.core.batch import build_step_inputs
+from engine.core.llm_engine import LLMEngine
+from engine.core.scheduler import ScheduledSeq, SchedulerOutput
+from engine.core.sequence import Sequence
+from engine.params import SamplingParams
+
+_probe_ids = itertools.count(1 << 40)
+
+
+@dataclass(frozen=True)
+class DecodeRun:
+    batch: int
+    decode_tokens: int  # tokens generated once every sequence had its first token
+    decode_s: float  # wall time of those steps
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s
+
+
+def make_prompts(count: int, length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    """Random token ids, avoiding the first few (BOS/EOS/UNK and friends)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab_size) for _ in range(length)] for _ in range(count)]
+
+
+def greedy(new_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+
+
+def decode_run(engine: LLMEngine, prompts: list[list[int]], new_tokens: int,
+               tag: str) -> DecodeRun:
+    """All prompts submitted at once; decode throughput is measured from the step at which the
+    last sequence got its first token (all prefills done) to the end."""
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"{tag}-{i}", prompt, greedy(new_tokens))
+    started: set[str] = set()
+    t_all_started: float | None = None
+    tokens = 0
+    now = time.perf_counter()
+    while engine.has_work:
+        deltas = engine.step()
+        now = time.perf_counter()
+        if t_all_started is not None:
+            tokens += sum(len(d.token_ids) for d in deltas)
+            continue
+        started.update(d.request_id for d in deltas)
+        if len(started) == len(prompts):
+            t_all_started = now
+    if t_all_started is None or tokens == 0:
+        raise RuntimeError("the run ended before any pure decode step")
+    return DecodeRun(len(prompts), tokens, now - t_all_started)
+
+
+def time_to_first_token_ms(engine: LLMEngine, prompt: list[int], reps: int = 5) -> float:
+    """Median wall time from add_request to the first token, the engine otherwise idle."""
+    times = []
+    for r in range(reps + 1):
+        start = time.perf_counter()
+        engine.add_request(f"ttft-{r}", prompt, greedy(1))
+        while engine.has_work:
+            if engine.step():
+                break
+        elapsed = time.perf_counter() - start
+        while engine.has_work:
+            engine.step()
+        if r > 0:  # the first is the warm-up
+            times.append(elapsed * 1e3)
+    return statistics.median(times)
+
+
+@dataclass(frozen=True)
+class EngineResults:
+    linear_backend: str
+    attention_backend: str
+    ttft_ms: float
+    runs: tuple[DecodeRun, ...]
+
+
+def bench_engine(config: EngineConfig, prompt_len: int, new_tokens: int,
+                 batches: tuple[int, ...]) -> tuple[LLMEngine, EngineResults]:
+    engine = LLMEngine.from_config(config)
+    vocab = engine.tokenizer.vocab_size
+    ttft = time_to_first_token_ms(engine, make_prompts(1, prompt_len, vocab, seed=1)[0])
+    runs = []
+    for batch in batches:
+        prompts = make_prompts(batch, prompt_len, vocab, seed=batch)
+        decode_run(engine, prompts, 4, f"warm{batch}")
+        runs.append(decode_run(engine, prompts, new_tokens, f"b{batch}"))
+    info = engine.model_info
+    return engine, EngineResults(info.linear_backend, info.attention_backend, ttft, tuple(runs))
+
+
+def last_logits(engine: LLMEngine, prompt: list[int]) -> torch.Tensor:
+    """Last-position logits [V] float32 (CPU) of one prefill of ``prompt`` through the engine's
+    paged path. Frees its blocks."""
+    seq = Sequence(next(_probe_ids), "probe", list(prompt), SamplingParams(max_tokens=1))
+    blocks, runner = engine.scheduler.block_manager, engine.runner
+    blocks.allocate(seq, len(prompt))
+    try:
+        out = SchedulerOutput((ScheduledSeq(seq, len(prompt)),), ())
+        inputs = build_step_inputs(out, blocks.block_size, runner.model.device)
+        hidden = runner.model.forward(inputs.input_ids, inputs.positions, runner.kv_caches,
+                                      inputs.meta)
+        return runner.model.compute_logits(hidden[-1:])[0].float().cpu()
+    finally:
+        blocks.free(seq)
+
+
+def profile_decode_step(engine: LLMEngine, prompt: list[int], path: str) -> float:
+    """Profile one eager (not graph-captured) single-sequence decode forward after a prefill
+    of ``prompt``; writes the kernel table to ``path`` and returns the summed GPU kernel time
+    (ms): what the step costs on the GPU without any host overhead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    seq = Sequence(next(_probe_ids), "profile", list(prompt), SamplingParams(max_tokens=2))
+    blocks, runner = engine.scheduler.block_manager, engine.runner
+    blocks.allocate(seq, len(prompt) + 1)
+    try:
+        steps = []
+        for n in (len(prompt), 1):
+            out = SchedulerOutput((ScheduledSeq(seq, n),), ())
+            steps.append(out)
+            if n > 1:
+                inputs = build_step_inputs(out, blocks.block_size, runner.model.device)
+                runner.model.forward(inputs.input_ids, inputs.positions, runner.kv_caches,
+                                     inputs.meta)
+                seq.num_computed_tokens += n
+                seq.append_token(prompt[-1])
+        inputs = build_step_inputs(steps[-1], blocks.block_size, runner.model.device)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            hidden = runner.model.forward(inputs.input_ids, inputs.positions, runner.kv_caches,
+                                          inputs.meta)
+            runner.model.compute_logits(hidden)
+            torch.cuda.synchronize()
+    finally:
+        blocks.free(seq)
+    averages = prof.key_averages()
+    with open(path, "w") as f:
+        f.write(averages.table(sort_by="self_device_time_total", row_limit=30))
+    return sum(a.self_device_time_total for a in averages) / 1e3

@@ -1,0 +1,109 @@
+"""``gptq-serve bench engine``: our engine, exllamav2's generator and the bandwidth ceiling, in
+one process on one card, as one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+from pathlib import Path
+
+import torch
+
+from engine.bench.ceiling import Ceiling, copy_bandwidth_gbps, kv_bytes_per_token, weight_bytes
+from engine.bench.engine_bench import (
+    bench_engine,
+    last_logits,
+    make_prompts,
+    profile_decode_step,
+)
+from engine.bench.kernels import Row
+from engine.config import EngineConfig
+
+log = logging.getLogger(__name__)
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=Path("/tmp/13b"),
+                   help="checkpoint folder (synthesised there first with --synth if missing)")
+    p.add_argument("--synth", action="store_true",
+                   help="write a synthetic 13B 4-bit g128 checkpoint at --model if it is missing")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--batches", default="1,8,32,64", help="concurrent sequences per decode run")
+    p.add_argument("--no-exl2", action="store_true", help="skip exllamav2's own generator")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--profile-out", default=None,
+                   help="write the GPU kernel table of one eager decode step here")
+
+
+def ensure_checkpoint(args: argparse.Namespace) -> None:
+    if (args.model / "config.json").exists():
+        return
+    if not args.synth:
+        raise SystemExit(f"{args.model} holds no checkpoint; pass --synth to write one")
+    from engine.checkpoint.synth import SynthSpec, synthesize
+
+    synthesize(SynthSpec("13b", 4, 128, False, device="cuda"), args.model)
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    ensure_checkpoint(args)
+    batches = tuple(int(b) for b in args.batches.split(","))
+    config = EngineConfig(model=str(args.model), revision=None, offline=True, device="cuda",
+                          max_model_len=2048, max_num_seqs=max(batches),
+                          max_num_batched_tokens=2048,
+                          gpu_memory_utilization=args.gpu_memory_utilization,
+                          cuda_graphs=not args.no_cuda_graphs)
+    engine, ours = bench_engine(config, args.prompt_len, args.new_tokens, batches)
+    arch = engine.runner.model.arch
+    prompt = make_prompts(1, args.prompt_len, engine.tokenizer.vocab_size, seed=1)[0]
+    probe = prompt[:64]
+    our_logits = last_logits(engine, probe)
+    gpu_step_ms = None
+    if args.profile_out:
+        gpu_step_ms = profile_decode_step(engine, prompt, args.profile_out)
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    ceiling = Ceiling(copy_bandwidth_gbps(), weight_bytes(args.model), kv_bytes_per_token(arch))
+    # Mean context over a decode run: the prompt plus half the new tokens.
+    context = args.prompt_len + args.new_tokens / 2
+    rows = [Row("copy bandwidth (read + write)", ceiling.bandwidth_gbps, "GB/s"),
+            Row("weights read per decode step", ceiling.weight_bytes / 1e9, "GB"),
+            Row(f"linear / attention backends: {ours.linear_backend} / "
+                f"{ours.attention_backend}", 0, ""),
+            Row(f"TTFT, {args.prompt_len}-token prompt (ours)", ours.ttft_ms, "ms")]
+    exl2 = None
+    if not args.no_exl2:
+        from engine.bench.exl2_baseline import bench_exl2_generator
+
+        try:
+            exl2 = bench_exl2_generator(args.model, prompt, args.new_tokens, probe=probe)
+        except Exception:  # the baseline failing must not hide our own figures
+            log.exception("exllamav2's generator failed; its rows are left out")
+    if gpu_step_ms is not None:
+        rows.append(Row("GPU kernel time of one eager decode step, 1 sequence", gpu_step_ms,
+                        "ms"))
+    if exl2 is not None and exl2.probe_logits is not None:
+        theirs = exl2.probe_logits[:our_logits.shape[0]]
+        rows.append(Row("logits vs exllamav2's model, 64-token prompt (rel. error)",
+                        ((our_logits - theirs).norm() / theirs.norm()).item(), "rel"))
+    if exl2 is not None:
+        rows.append(Row(f"TTFT, {args.prompt_len}-token prompt (exllamav2 generator)",
+                        exl2.ttft_ms, "ms"))
+    for run_ in ours.runs:
+        ceil = ceiling.tokens_per_s(run_.batch, context)
+        label = "single-stream" if run_.batch == 1 else f"aggregate, {run_.batch} sequences"
+        rows.append(Row(f"decode {label} (ours)", run_.tokens_per_s, "tok/s"))
+        if run_.batch == 1 and exl2 is not None:
+            rows.append(Row(f"decode {label} (exllamav2 generator)", exl2.decode_tokens_per_s,
+                            "tok/s"))
+            rows.append(Row("  ours / exllamav2", run_.tokens_per_s / exl2.decode_tokens_per_s,
+                            "x"))
+        rows.append(Row(f"decode {label} (ceiling)", ceil, "tok/s"))
+        rows.append(Row("  ours / ceiling", run_.tokens_per_s / ceil, "x"))
+    return rows

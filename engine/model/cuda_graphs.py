@@ -1,0 +1,152 @@
+"""Decode steps captured in CUDA graphs, one graph per batch-size bucket.
+
+A 13B decode step is ~40 layers x ~15 kernel launches; launched one by one from Python the
+launch gaps cost more than the small-batch kernels themselves. Captured once per bucket and
+replayed, a step is one launch.
+
+Invariants:
+- Every captured input lives in a static buffer; a step copies its tensors into the first n rows
+  and the graph reads them in place. Sizes the kernels need come from device tensors (seq_lens,
+  block tables), never from host values baked in at capture.
+- Rows n..bucket are padding. Each step resets their seq_len to 0 (attention reads nothing for
+  them) and their cache slot to ``sink_slot``, a slot the block manager never hands out, so a
+  padding row can never overwrite a live sequence's K/V.
+- Attention sees max_seq_len = max_model_len at capture: an upper bound, which is all the decode
+  kernel uses it for (its split count).
+- All graphs share one memory pool; the largest bucket is captured first.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from engine.model.attention.base import AttentionMetadata
+from engine.model.llama import KVCache, LlamaModel
+
+log = logging.getLogger(__name__)
+
+
+def batch_buckets(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 8 up to max_num_seqs (and max_num_seqs itself)."""
+    buckets = [b for b in (1, 2, 4) if b < max_num_seqs]
+    buckets += list(range(8, max_num_seqs, 8))
+    return sorted({*buckets, max_num_seqs})
+
+
+@dataclass(frozen=True)
+class DecodeGraphConfig:
+    max_num_seqs: int  # the largest bucket
+    max_model_len: int  # sizes the static block tables; the attention's max_seq_len bound
+
+
+@dataclass
+class _StaticInputs:
+    input_ids: torch.Tensor  # [B] int64
+    positions: torch.Tensor  # [B] int64
+    slot_mapping: torch.Tensor  # [B] int64
+    seq_lens: torch.Tensor  # [B] int32
+    block_tables: torch.Tensor  # [B, max_blocks_per_seq] int32
+    query_start_loc: torch.Tensor  # [B+1] int32: 0..B, fixed (one query row per sequence)
+
+
+class DecodeGraphs:
+    def __init__(self, model: LlamaModel, kv_caches: list[KVCache], config: DecodeGraphConfig,
+                 block_size: int, sink_slot: int) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        max_model_len = config.max_model_len
+        self.max_model_len = max_model_len
+        self.sink_slot = sink_slot
+        self.buckets = batch_buckets(config.max_num_seqs)
+        size = self.buckets[-1]
+        device = model.device
+        self.static = _StaticInputs(
+            input_ids=torch.zeros(size, dtype=torch.int64, device=device),
+            positions=torch.zeros(size, dtype=torch.int64, device=device),
+            slot_mapping=torch.full((size,), sink_slot, dtype=torch.int64, device=device),
+            seq_lens=torch.zeros(size, dtype=torch.int32, device=device),
+            block_tables=torch.zeros((size, -(-max_model_len // block_size)), dtype=torch.int32,
+                                     device=device),
+            query_start_loc=torch.arange(size + 1, dtype=torch.int32, device=device))
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._logits: dict[int, torch.Tensor] = {}  # bucket -> [bucket, V] float32, graph output
+        self._pool: object | None = None
+
+    @property
+    def max_batch(self) -> int:
+        return self.buckets[-1]
+
+    def capture(self) -> None:
+        """Capture every bucket, largest first (later captures reuse its pool memory)."""
+        for bucket in reversed(self.buckets):
+            self._capture(bucket)
+        log.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
+
+    def _meta(self, bucket: int) -> AttentionMetadata:
+        s = self.static
+        return AttentionMetadata(
+            slot_mapping=s.slot_mapping[:bucket], query_start_loc=s.query_start_loc[:bucket + 1],
+            seq_lens=s.seq_lens[:bucket], block_tables=s.block_tables[:bucket],
+            max_query_len=1, max_seq_len=self.max_model_len, num_seqs=bucket, decode_only=True,
+            query_start_loc_cpu=list(range(bucket + 1)), seq_lens_cpu=[0] * bucket)
+
+    @torch.inference_mode()
+    def _capture(self, bucket: int) -> None:
+        s, meta = self.static, self._meta(bucket)
+
+        def step() -> torch.Tensor:
+            hidden = self.model.forward(s.input_ids[:bucket], s.positions[:bucket],
+                                        self.kv_caches, meta)  # [bucket, hidden]
+            return self.model.compute_logits(hidden)  # [bucket, V]
+
+        # A warm-up run outside the graph compiles Triton kernels and sets up cuBLAS handles,
+        # neither of which may happen during capture. All rows are padding: it writes only the
+        # sink slot.
+        self._reset_padding(0, bucket)
+        step()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = step()
+        if self._pool is None:
+            self._pool = graph.pool()
+        self._graphs[bucket] = graph
+        self._logits[bucket] = logits
+
+    def bucket_for(self, num_seqs: int) -> int | None:
+        """The smallest captured batch size that fits num_seqs, or None if none does."""
+        for bucket in self.buckets:
+            if bucket >= num_seqs:
+                return bucket
+        return None
+
+    @torch.inference_mode()
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
+            meta: AttentionMetadata) -> torch.Tensor:
+        """A decode step of n = meta.num_seqs rows -> logits [n, V] float32.
+
+        The returned tensor is the graph's output buffer: read it before the next replay.
+        """
+        n = meta.num_seqs
+        bucket = self.bucket_for(n)
+        if bucket is None or not meta.decode_only:
+            raise ValueError(f"no decode graph for {n} sequences (decode_only={meta.decode_only})")
+        s = self.static
+        s.input_ids[:n].copy_(input_ids, non_blocking=True)
+        s.positions[:n].copy_(positions, non_blocking=True)
+        s.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
+        s.seq_lens[:n].copy_(meta.seq_lens, non_blocking=True)
+        width = meta.block_tables.shape[1]
+        # Columns past `width` keep stale entries: the kernel never reads past seq_len.
+        s.block_tables[:n, :width].copy_(meta.block_tables, non_blocking=True)
+        self._reset_padding(n, bucket)
+        self._graphs[bucket].replay()
+        return self._logits[bucket][:n]
+
+    def _reset_padding(self, start: int, end: int) -> None:
+        if start < end:
+            self.static.seq_lens[start:end].zero_()
+            self.static.slot_mapping[start:end].fill_(self.sink_slot)

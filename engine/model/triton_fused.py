@@ -1,0 +1,117 @@
+"""Fused Triton kernels for the small per-layer operations of the Llama forward on CUDA.
+
+In a decode step the big matrix products take a few microseconds each; the norm, rotary and
+activation, written as plain torch expressions, are ~40 tiny kernels per layer whose launch and
+ramp times add up to as much again. Each function here is one kernel and computes what its torch
+counterpart in engine/model/layers.py computes (float32 inside, one rounding to the model dtype
+at the same points), so the two paths agree to rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, stride_x, stride_r, stride_o,
+                     stride_s, n, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        # h = x + residual, rounded to the model dtype as the torch addition would be.
+        x = x + tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        tl.store(sum_ptr + row * stride_s + cols, x, mask=mask)
+    x32 = x.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=0) / n + eps)
+    normed = (x32 * inv).to(x.dtype)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * stride_o + cols, w * normed, mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [T, hidden] -> weight * normalise(x), as layers.rms_norm."""
+    out = torch.empty_like(x)
+    _launch_norm(x, None, weight, out, None, eps)
+    return out
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (h, rms_norm(h)) with h = x + residual; x, residual: [T, hidden]."""
+    h = torch.empty_like(x)
+    out = torch.empty_like(x)
+    _launch_norm(x, residual, weight, out, h, eps)
+    return h, out
+
+
+def _launch_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 out: torch.Tensor, h: torch.Tensor | None, eps: float) -> None:
+    rows, n = x.shape
+    if x.stride(1) != 1 or (residual is not None and residual.stride(1) != 1):
+        raise ValueError("rows must be contiguous")
+    has_res = residual is not None
+    _rms_norm_kernel[(rows,)](
+        x, residual if has_res else x, weight, out, h if has_res else out,
+        x.stride(0), residual.stride(0) if has_res else 0, out.stride(0),
+        h.stride(0) if has_res else 0, n, eps,
+        HAS_RESIDUAL=has_res, BLOCK=triton.next_power_of_2(n), num_warps=8)
+
+
+@triton.jit
+def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt,
+                   stride_kh, num_q_heads, HALF: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    if head < num_q_heads:
+        base = q_ptr + t * stride_qt + head * stride_qh
+    else:
+        base = k_ptr + t * stride_kt + (head - num_q_heads) * stride_kh
+    pos = tl.load(pos_ptr + t)
+    d = tl.arange(0, HALF)
+    cos = tl.load(cos_ptr + pos * HALF + d)
+    sin = tl.load(sin_ptr + pos * HALF + d)
+    x1 = tl.load(base + d)
+    x2 = tl.load(base + HALF + d)
+    a, b = x1.to(tl.float32), x2.to(tl.float32)
+    tl.store(base + d, (a * cos - b * sin).to(x1.dtype))
+    tl.store(base + HALF + d, (b * cos + a * sin).to(x1.dtype))
+
+
+def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+            sin: torch.Tensor) -> None:
+    """Rotate q: [T, H, D] and k: [T, Hkv, D] in place (rotate-half layout, as
+    layers.RotaryEmbedding.apply). cos, sin: [P, D/2] float32 contiguous; positions: [T]."""
+    t, num_heads, head_dim = q.shape
+    if q.stride(2) != 1 or k.stride(2) != 1 or not cos.is_contiguous():
+        raise ValueError("head dims and the cos/sin tables must be contiguous")
+    _rotary_kernel[(t, num_heads + k.shape[1])](
+        q, k, positions, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        num_heads, HALF=head_dim // 2, num_warps=1)
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * stride_x + n + cols, mask=mask, other=0.0)
+    g32 = gate.to(tl.float32)
+    # silu rounds to the model dtype before the product, as torch's silu(gate) * up does.
+    act = (g32 / (1.0 + tl.exp(-g32))).to(gate.dtype)
+    tl.store(out_ptr + row * stride_o + cols, act * up, mask=mask)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up: [T, 2I] (gate then up) -> silu(gate) * up: [T, I]."""
+    rows, width = gate_up.shape
+    n = width // 2
+    out = torch.empty((rows, n), dtype=gate_up.dtype, device=gate_up.device)
+    block = 1024
+    _silu_mul_kernel[(rows, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0),
+                                                     out.stride(0), n, BLOCK=block, num_warps=4)
+    return out

@@ -1,0 +1,55 @@
+"""The fused Triton norm / rotary / SiLU kernels against their torch counterparts (layers.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.model.layers import RotaryEmbedding, rms_norm
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
+]
+
+
+def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert torch.isfinite(a).all()
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("hidden", [5120, 256])
+def test_norms(dtype: torch.dtype, hidden: int) -> None:
+    from engine.model import triton_fused
+
+    x = torch.randn((33, hidden), device="cuda").to(dtype)
+    res = torch.randn_like(x)
+    w = (torch.rand(hidden, device="cuda") + 0.5).to(dtype)
+    assert max_rel(triton_fused.rms_norm(x, w, 1e-5), rms_norm(x, w, 1e-5)) < 2e-3
+    h, normed = triton_fused.add_rms_norm(x, res, w, 1e-5)
+    assert torch.equal(h, x + res)
+    assert max_rel(normed, rms_norm(x + res, w, 1e-5)) < 2e-3
+
+
+@pytest.mark.parametrize("head_dim,heads", [(128, 40), (64, 4)])
+def test_rotary_in_place_on_strided_views(head_dim: int, heads: int) -> None:
+    from engine.model import triton_fused
+
+    rot = RotaryEmbedding(head_dim, 4096, 10000.0, torch.device("cuda"))
+    t, size = 17, heads * head_dim
+    qkv = torch.randn((t, 3 * size), device="cuda").half()  # q, k, v side by side
+    q, k, v = (p.view(t, heads, head_dim) for p in qkv.split([size, size, size], dim=1))
+    positions = torch.randint(0, 4096, (t,), device="cuda")
+    want_q, want_k, v_before = rot.apply(q, positions), rot.apply(k, positions), v.clone()
+    triton_fused.rotary_(q, k, positions, rot.cos, rot.sin)
+    assert max_rel(q, want_q) < 2e-3 and max_rel(k, want_k) < 2e-3
+    assert torch.equal(v, v_before)
+
+
+def test_silu_mul() -> None:
+    from engine.model import triton_fused
+
+    gate_up = torch.randn((9, 2 * 13824), device="cuda").half()
+    gate, up = gate_up.chunk(2, dim=1)
+    assert max_rel(triton_fused.silu_mul(gate_up), torch.nn.functional.silu(gate) * up) < 2e-3

@@ -1,0 +1,145 @@
+"""Whole-model logits on the GPU: our CUDA engine (exllama / fp16-expanded linears, Triton and
+SDPA attention, fp16) against the torch reference backends (float32) and against exllamav2's own
+ExLlamaV2 model on the same synthetic checkpoint folder.
+
+Logits are read through the engine's paged path three ways: one prefill, prefill in chunks
+(the Triton kernel over cached context) and prefill then single-token decode steps (the Triton
+decode kernel).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.config import EngineConfig
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
+]
+
+# (bits, group size, act-order): the 4-bit branches, and 8-bit (expanded at load).
+LAYOUTS = [(4, 128, False), (4, 32, True), (4, 64, True), (8, 128, True)]
+_ids = itertools.count(20_000_000)
+
+
+@pytest.fixture(scope="module", params=LAYOUTS, ids=lambda p: f"{p[0]}bit-g{p[1]}-ao{p[2]}")
+def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from engine.checkpoint.synth import SynthSpec, synthesize
+
+    bits, group, act_order = request.param
+    path = tmp_path_factory.mktemp(f"tiny-{bits}-{group}-{act_order}")
+    synthesize(SynthSpec("tiny", bits, group, act_order, seed=bits + group, device="cuda"), path)
+    return path
+
+
+def _engine(path: Path, **overrides: object):
+    from engine.core.llm_engine import LLMEngine
+
+    values: dict[str, object] = dict(model=str(path), revision=None, offline=True, device="cuda",
+                                     num_kv_blocks=128, block_size=16, max_num_seqs=8,
+                                     max_num_batched_tokens=256, max_model_len=512)
+    values.update(overrides)
+    return LLMEngine.from_config(EngineConfig(**values))  # type: ignore[arg-type]
+
+
+def logits_after(engine, prompt: list[int], steps: list[int]) -> torch.Tensor:
+    """Last-position logits [V] float32 after feeding ``prompt`` in chunks of ``steps`` tokens
+    through the engine's block tables and KV cache. Frees its blocks."""
+    from engine.core.batch import build_step_inputs
+    from engine.core.scheduler import ScheduledSeq, SchedulerOutput
+    from engine.core.sequence import Sequence
+    from engine.params import SamplingParams
+
+    assert sum(steps) == len(prompt)
+    seq = Sequence(next(_ids), "probe", list(prompt), SamplingParams(max_tokens=1))
+    blocks, runner = engine.scheduler.block_manager, engine.runner
+    logits = None
+    try:
+        for n in steps:
+            blocks.allocate(seq, seq.num_computed_tokens + n)
+            out = SchedulerOutput((ScheduledSeq(seq, n),), ())
+            inputs = build_step_inputs(out, blocks.block_size, runner.model.device)
+            hidden = runner.model.forward(inputs.input_ids, inputs.positions, runner.kv_caches,
+                                          inputs.meta)
+            logits = runner.model.compute_logits(hidden[-1:])[0]
+            seq.num_computed_tokens += n
+    finally:
+        blocks.free(seq)
+    assert logits is not None
+    return logits[:engine.tokenizer.vocab_size].float().cpu()
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(out).all(), "non-finite logits"
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def test_cuda_engine_matches_torch_reference(checkpoint: Path) -> None:
+    cuda = _engine(checkpoint)
+    info = cuda.model_info
+    expected_linear = "exllama" if info.bits == 4 else "fp16-expanded"
+    assert (info.linear_backend, info.attention_backend) == (expected_linear, "triton")
+    ref = _engine(checkpoint, linear_backend="torch", attention_backend="torch",
+                  dtype="float32")
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, cuda.tokenizer.vocab_size, (77,), generator=gen).tolist()
+    want = logits_after(ref, prompt, [77])
+    for steps in ([77], [16, 16, 16, 29], [70, 1, 1, 1, 1, 1, 1, 1]):
+        assert rel_err(logits_after(cuda, prompt, steps), want) < 2e-2, steps
+
+
+# Open finding (H200, exllamav2 0.3.2): exllamav2's ExLlamaV2 model disagrees with both our
+# engine and the torch reference on these synthetic checkpoints (relative logit error 0.19-0.30
+# on the 2-layer tiny model, 1.28 on the 40-layer 13B one), while our engine matches the
+# reference, which is itself checked against transformers. Strict: the day they agree, this
+# marker must go.
+@pytest.mark.xfail(strict=True, reason="exllamav2's model disagrees with the reference on "
+                   "synthetic checkpoints; cause not yet found (see docs/benchmarks.md)")
+def test_cuda_engine_matches_exllamav2_model(checkpoint: Path) -> None:
+    from engine.bench.exl2_baseline import exl2_logits
+
+    if json.loads((checkpoint / "quantize_config.json").read_text())["bits"] != 4:
+        pytest.skip("exllamav2 has no 8-bit GPTQ kernel")
+    cuda = _engine(checkpoint)
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, cuda.tokenizer.vocab_size, (50,), generator=gen).tolist()
+    ours = logits_after(cuda, prompt, [50])
+    theirs = exl2_logits(checkpoint, prompt)[:ours.shape[0]]
+    assert rel_err(ours, theirs) < 2e-2
+
+
+def test_decode_graph_replay_matches_eager_step(checkpoint: Path) -> None:
+    """A decode step replayed from a captured graph gives the eager step's logits, for a batch
+    that is padded up to its bucket (3 sequences in the graph of 4)."""
+    from engine.core.batch import build_step_inputs
+    from engine.params import SamplingParams
+
+    engine = _engine(checkpoint)
+    runner = engine.runner
+    assert runner.graphs is not None and runner.graphs.bucket_for(3) == 4
+    for i, n in enumerate((5, 40, 17)):
+        engine.add_request(f"g{i}", list(range(3, 3 + n)),
+                           SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    for _ in range(3):  # prefills, then plain decode steps (through the graphs)
+        engine.step()
+    out = engine.scheduler.schedule()
+    assert len(out.scheduled) == 3 and all(s.num_new_tokens == 1 for s in out.scheduled)
+    inputs = build_step_inputs(out, engine.scheduler.block_manager.block_size,
+                               runner.model.device)
+    saved = [(k.clone(), v.clone()) for k, v in runner.kv_caches]
+    eager = runner.model.compute_logits(runner.model.forward(
+        inputs.input_ids, inputs.positions, runner.kv_caches, inputs.meta))
+    for (k, v), (k0, v0) in zip(runner.kv_caches, saved, strict=True):
+        k.copy_(k0)
+        v.copy_(v0)
+    replayed = runner.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+    assert rel_err(replayed.cpu(), eager.cpu()) < 1e-2
+    # Padding rows wrote only the sink block, past the pool the block manager hands out.
+    pool_blocks = engine.scheduler.block_manager.num_blocks
+    assert runner.kv_caches[0][0].shape[0] == pool_blocks + 1
