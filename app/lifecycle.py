@@ -1,0 +1,70 @@
+"""Start-up (load, warm up, become ready) and graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from app.settings import Settings
+from app.state import ServerState
+from app.templates import load_template
+from engine.client import EngineClient
+from engine.params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(settings: Settings) -> EngineClient:
+    """Load the real engine (blocking: run it in a thread). Imported here so that the app
+    imports no torch until it loads a model."""
+    from engine.core.async_engine import AsyncEngine
+
+    return AsyncEngine.from_config(settings.engine_config())
+
+
+async def start(state: ServerState, engine: EngineClient | None) -> None:
+    """Load the model (unless given), start the loop, warm up, then report ready."""
+    settings = state.settings
+    try:
+        t0 = time.monotonic()
+        if engine is None:
+            engine = await asyncio.to_thread(build_engine, settings)
+        await engine.start()
+        state.template = load_template(settings.chat_template, engine.tokenizer.chat_template)
+        state.engine = engine
+        state.metrics.set_model_info(engine.model_info)
+        if settings.warmup:
+            await warm_up(engine)
+        state.ready = True
+        log.info("ready in %.1f s: %s", time.monotonic() - t0, engine.model_info)
+    except Exception as exc:
+        state.load_error = f"{type(exc).__name__}: {exc}"
+        log.exception("start-up failed")
+        raise
+
+
+async def warm_up(engine: EngineClient) -> None:
+    """One short generation through the whole path (kernels, graphs, sampler)."""
+    prompt = engine.tokenizer.encode("Hello")
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    async for _ in engine.generate(prompt, params, "warmup"):
+        pass
+
+
+async def drain(state: ServerState) -> None:
+    """Refuse new work at once (the caller set state.draining), let in-flight requests finish
+    within shutdown_timeout, then stop the engine: requests still running end with an error
+    chunk and [DONE]."""
+    timeout = state.settings.shutdown_timeout
+    log.info("draining: %d requests in flight, up to %.0f s", state.in_flight, timeout)
+    if state.in_flight:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(state.idle.wait(), timeout)
+    if state.engine is not None:
+        await state.engine.shutdown()
+    # Give the responses of aborted requests a moment to be written out.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(state.idle.wait(), 5.0)
+    log.info("drained")

@@ -1,0 +1,63 @@
+"""The app factory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from app import __version__, lifecycle
+from app.errors import install_error_handlers
+from app.metrics import Metrics
+from app.middleware import AuthMiddleware, BodyLimitMiddleware, HTTPMetricsMiddleware
+from app.routes import chat, completions, health, metrics, models, tokenize
+from app.settings import Settings
+from app.state import ServerState
+from engine.client import EngineClient
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, engine: EngineClient | None = None) -> FastAPI:
+    """An app serving ``engine``, or the engine ``settings`` describe, loaded after the port
+    opens so /health answers during a long load and /ready turns 200 only when it is done."""
+    state = ServerState(settings=settings, metrics=Metrics(lambda: _stats(state)))
+    state.idle.set()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(lifecycle.start(state, engine))
+        app.state.startup_task = task
+        try:
+            yield
+        finally:
+            if not task.done():
+                task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            if state.engine is not None:
+                await state.engine.shutdown()
+
+    app = FastAPI(title="gptq-serve", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = state
+    install_error_handlers(app)
+    for router in (completions.router, chat.router, models.router, health.router,
+                   tokenize.router, metrics.router):
+        app.include_router(router)
+    # Outermost last: metrics see every response, auth runs before any body is read.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(AuthMiddleware, state=state)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(HTTPMetricsMiddleware, state=state)
+    return app
+
+
+def _stats(state: ServerState):  # noqa: ANN202
+    return state.stats()

@@ -1,0 +1,1 @@
+"""Pydantic models of the OpenAI requests and responses, one module per endpoint."""

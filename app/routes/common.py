@@ -1,0 +1,42 @@
+"""Helpers every generation route uses."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from app.errors import OpenAIError, bad_request
+from app.state import ServerState
+from engine.client import EngineClient
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def check_model(state: ServerState, name: str) -> None:
+    engine = state.engine
+    known = set(state.settings.model_names) | {state.settings.model}
+    if engine is not None:
+        known.add(engine.model_info.model)
+    if name not in known:
+        raise OpenAIError(404, f"the model '{name}' does not exist; this server serves "
+                          f"{', '.join(state.settings.model_names)}", param="model",
+                          code="model_not_found")
+
+
+def check_token_ids(engine: EngineClient, ids: list[int], param: str) -> None:
+    vocab = engine.tokenizer.vocab_size
+    for t in ids:
+        if not 0 <= t < vocab:
+            raise bad_request(f"token id {t} in '{param}' is outside the vocabulary "
+                              f"[0, {vocab})", param)
+
+
+def refuse(param: str, what: str) -> OpenAIError:
+    return bad_request(f"'{param}' is not supported by this server: {what}", param)
+
+
+def system_fingerprint(engine: EngineClient) -> str:
+    info = engine.model_info
+    group = info.group_size if info.group_size is not None else -1
+    return f"gptq-{info.bits}b-g{group}-{info.linear_backend}"

@@ -1,0 +1,211 @@
+"""POST /v1/completions"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from app import sse
+from app.errors import OpenAIError, bad_request
+from app.generation import (
+    ChoiceJob,
+    Generation,
+    delta_error,
+    openai_finish_reason,
+    run_until_disconnect,
+    seeds_for,
+)
+from app.logprobs import CompletionLogprobBuilder, prompt_entries
+from app.params import check_limits, resolve_max_tokens, sampling_params
+from app.protocol.common import Usage, drop_none, new_id, now
+from app.protocol.completions import CompletionChoice, CompletionRequest, CompletionResponse
+from app.routes.common import (
+    check_model,
+    check_token_ids,
+    refuse,
+    server_state,
+    system_fingerprint,
+)
+from engine.client import EngineClient
+from engine.outputs import GenerationDelta
+
+router = APIRouter()
+MAX_LEGACY_LOGPROBS = 5
+
+
+class PromptInput:
+    """One prompt of the request: its token ids and the text that echo repeats."""
+
+    def __init__(self, token_ids: list[int], text: str) -> None:
+        self.token_ids = token_ids
+        self.text = text
+
+
+def parse_prompts(engine: EngineClient, prompt: object, max_prompts: int) -> list[PromptInput]:
+    tok = engine.tokenizer
+    if isinstance(prompt, str):
+        items: list[object] = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+        items = [prompt]
+    elif isinstance(prompt, list):
+        items = list(prompt)
+    else:
+        raise bad_request("'prompt' must be a string, a list of strings, a list of token ids "
+                          "or a list of lists of token ids", "prompt")
+    if not items:
+        raise bad_request("'prompt' must not be empty", "prompt")
+    if len(items) > max_prompts:
+        raise bad_request(f"at most {max_prompts} prompts per request", "prompt")
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            if not item:
+                raise bad_request("'prompt' must not be an empty string", "prompt")
+            out.append(PromptInput(tok.encode(item), item))
+        else:
+            ids = list(item)  # type: ignore[call-overload]
+            if not ids:
+                raise bad_request("a token-id prompt must not be empty", "prompt")
+            check_token_ids(engine, ids, "prompt")
+            out.append(PromptInput(ids, tok.decode(ids)))
+    return out
+
+
+@router.post("/v1/completions")
+async def create_completion(body: CompletionRequest, request: Request):  # noqa: ANN201
+    state = server_state(request)
+    engine = state.require_engine()
+    check_model(state, body.model)
+    if body.suffix:
+        raise refuse("suffix", "insertion (fill-in-the-middle) needs a model trained for it")
+    n = 1 if body.n is None else body.n
+    if body.best_of is not None and body.best_of != n:
+        raise refuse("best_of", "best_of must equal n when given")
+    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LEGACY_LOGPROBS:
+        raise bad_request(f"'logprobs' must be between 0 and {MAX_LEGACY_LOGPROBS}", "logprobs")
+    check_limits(body, state.settings, engine.tokenizer.vocab_size)
+    prompts = parse_prompts(engine, body.prompt, state.settings.max_prompts)
+    max_len = engine.model_info.max_model_len
+    jobs: list[ChoiceJob] = []
+    for i, prompt in enumerate(prompts):
+        max_tokens = resolve_max_tokens(body.max_tokens, "max_tokens", len(prompt.token_ids),
+                                        max_len, state.settings)
+        for j, seed in enumerate(seeds_for(body.seed, n)):
+            params = sampling_params(
+                body, max_tokens=max_tokens, seed=seed, logprobs=body.logprobs,
+                prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None
+                else None)
+            jobs.append(ChoiceJob(i * n + j, prompt.token_ids, params))
+    state.check_queue(len(jobs))
+    generation = Generation(state, jobs)
+    ctx = _Context(engine, body, prompts, n, new_id("cmpl"), now())
+    if body.stream:
+        return StreamingResponse(_stream(ctx, generation), media_type=sse.MEDIA_TYPE,
+                                 headers=sse.HEADERS)
+    results = await run_until_disconnect(request.is_disconnected, generation)
+    return JSONResponse(_response(ctx, results).model_dump(exclude_none=False))
+
+
+class _Context:
+    def __init__(self, engine: EngineClient, body: CompletionRequest,
+                 prompts: list[PromptInput], n: int, request_id: str, created: int) -> None:
+        self.engine = engine
+        self.body = body
+        self.prompts = prompts
+        self.n = n
+        self.id = request_id
+        self.created = created
+
+    def prompt_of(self, index: int) -> PromptInput:
+        return self.prompts[index // self.n]
+
+    def logprob_builder(self, index: int) -> CompletionLogprobBuilder | None:
+        if self.body.logprobs is None:
+            return None
+        start = 0 if self.body.echo else len(self.prompt_of(index).text)
+        return CompletionLogprobBuilder(self.engine.tokenizer, start)
+
+    def echo_part(self, index: int, first: GenerationDelta,
+                  builder: CompletionLogprobBuilder | None) -> tuple[str, list]:
+        """The echoed prompt text and its logprob entries (for the first delta)."""
+        if not self.body.echo:
+            return "", []
+        prompt = self.prompt_of(index)
+        entries = prompt_entries(self.engine.tokenizer, prompt.token_ids, first.prompt_logprobs)
+        return prompt.text, entries
+
+
+def _usage(ctx: _Context, finals: list[GenerationDelta]) -> Usage:
+    prompt_tokens = sum(len(p.token_ids) for p in ctx.prompts)
+    completion = sum(d.num_output_tokens for d in finals)
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
+                 total_tokens=prompt_tokens + completion)
+
+
+def _response(ctx: _Context, results: dict[int, list[GenerationDelta]]) -> CompletionResponse:
+    choices = []
+    finals = []
+    for index in sorted(results):
+        deltas = results[index]
+        final = deltas[-1]
+        err = delta_error(final)
+        if err is not None:
+            raise err
+        finals.append(final)
+        builder = ctx.logprob_builder(index)
+        echo_text, echo_entries = ctx.echo_part(index, deltas[0], builder)
+        text = echo_text + "".join(d.text for d in deltas)
+        logprobs = None
+        if builder is not None:
+            entries = echo_entries + [e for d in deltas for e in (d.logprobs or ())]
+            logprobs = builder.build(entries)
+        choices.append(CompletionChoice(index=index, text=text, logprobs=logprobs,
+                                        finish_reason=openai_finish_reason(final)))
+    return CompletionResponse(id=ctx.id, created=ctx.created, model=ctx.body.model,
+                              system_fingerprint=system_fingerprint(ctx.engine),
+                              choices=choices, usage=_usage(ctx, finals))
+
+
+async def _stream(ctx: _Context, generation: Generation) -> AsyncIterator[str]:
+    include_usage = bool(ctx.body.stream_options and ctx.body.stream_options.include_usage)
+    builders = {job.index: ctx.logprob_builder(job.index) for job in generation.jobs}
+    started: set[int] = set()
+    finals: list[GenerationDelta] = []
+    keepalive = generation.state.settings.keepalive_interval
+    try:
+        async for item in generation.stream(keepalive):
+            if item is None:
+                yield sse.KEEPALIVE_COMMENT
+                continue
+            index, delta = item
+            err = delta_error(delta)
+            if err is not None:
+                raise err
+            builder = builders[index]
+            text, entries = delta.text, list(delta.logprobs or ())
+            if index not in started:
+                started.add(index)
+                echo_text, echo_entries = ctx.echo_part(index, delta, builder)
+                text, entries = echo_text + text, echo_entries + entries
+            if not text and not delta.finished and not entries:
+                continue
+            choice = {"index": index, "text": text,
+                      "logprobs": None if builder is None
+                      else builder.build(entries).model_dump(),
+                      "finish_reason": openai_finish_reason(delta)}
+            yield sse.event(_chunk(ctx, [choice]))
+            if delta.finished:
+                finals.append(delta)
+        if include_usage:
+            yield sse.event(_chunk(ctx, [], usage=_usage(ctx, finals).model_dump()))
+    except OpenAIError as err:
+        yield sse.error_event(err)
+    yield sse.DONE
+
+
+def _chunk(ctx: _Context, choices: list[dict], usage: dict | None = None) -> dict:
+    return drop_none({"id": ctx.id, "object": "text_completion", "created": ctx.created,
+                      "model": ctx.body.model, "system_fingerprint":
+                      system_fingerprint(ctx.engine), "choices": choices, "usage": usage})

@@ -1,0 +1,42 @@
+"""POST /tokenize and /detokenize (vLLM's extension endpoints)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from app.errors import bad_request
+from app.protocol.common import DetokenizeRequest, TokenizeRequest
+from app.routes.chat import parse_messages
+from app.routes.common import check_model, check_token_ids, server_state
+
+router = APIRouter()
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request) -> dict:
+    state = server_state(request)
+    engine = state.require_engine()
+    if body.model is not None:
+        check_model(state, body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise bad_request("give exactly one of 'prompt' or 'messages'", "prompt")
+    if body.messages is not None:
+        assert state.template is not None
+        rendered = state.template.render(parse_messages(body.messages))
+        tokens = engine.tokenizer.encode(rendered.text,
+                                         add_special_tokens=rendered.add_special_tokens)
+    else:
+        tokens = engine.tokenizer.encode(body.prompt or "",
+                                         add_special_tokens=body.add_special_tokens)
+    return {"tokens": tokens, "count": len(tokens),
+            "max_model_len": engine.model_info.max_model_len}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
+    state = server_state(request)
+    engine = state.require_engine()
+    if body.model is not None:
+        check_model(state, body.model)
+    check_token_ids(engine, body.tokens, "tokens")
+    return {"prompt": engine.tokenizer.decode(body.tokens)}

@@ -1,0 +1,177 @@
+"""The server's settings: one pydantic-settings object, the single source of truth.
+
+Each field's description is also its ``--help`` text and its row in docs/configuration.md.
+Precedence: defaults < ``GPTQ_*`` environment variables < command-line flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from engine.config import EngineConfig
+
+ENV_PREFIX = "GPTQ_"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid",
+                                      validate_default=True)
+
+    # ---- model --------------------------------------------------------------------------
+    model: str = Field("TheBloke/Llama-2-13B-GPTQ",
+                       description="Hub repo id or local folder of a Llama 2 GPTQ checkpoint.")
+    revision: str | None = Field("main", description="Hub branch, tag or commit (the GPTQ "
+                                 "variant, e.g. gptq-4bit-32g-actorder_True). Ignored for folders.")
+    served_model_name: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Name(s) clients use in the \"model\" field (comma-separated or repeated). "
+                    "Default: the model's last path component. The first is listed by "
+                    "/v1/models.")
+    download_dir: str | None = Field(None, description="Where downloaded checkpoints are "
+                                     "cached (default: huggingface_hub's cache, HF_HOME).")
+    offline: bool = Field(False, description="Never use the network: load only files already "
+                          "cached or on disk.")
+    # ---- engine -------------------------------------------------------------------------
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="Activation dtype (auto: float16 on CUDA, float32 on the CPU).")
+    linear_backend: Literal["auto", "torch", "exllama"] = Field(
+        "auto", description="Quantised matmul backend (auto: exllama on CUDA, torch on CPU).")
+    attention_backend: Literal["auto", "torch", "triton"] = Field(
+        "auto", description="Attention backend (auto: triton on CUDA, torch on CPU).")
+    max_model_len: int | None = Field(None, ge=16, description="Longest prompt + completion "
+                                      "in tokens (default: the model's context length).")
+    max_num_seqs: int = Field(64, ge=1, description="Most sequences decoded together.")
+    max_num_batched_tokens: int = Field(2048, ge=16, description="Token budget of one engine "
+                                        "step (long prompts are prefilled in chunks).")
+    block_size: int = Field(16, description="Tokens per KV-cache block.")
+    num_kv_blocks: int | None = Field(None, ge=1, description="KV-cache size in blocks "
+                                      "(default: sized from memory).")
+    gpu_memory_utilization: float = Field(0.90, gt=0, lt=1, description="Fraction of GPU "
+                                          "memory for weights, activations and the KV cache.")
+    kv_cache_memory_gb: float = Field(1.0, gt=0, description="KV-cache size on the CPU, GiB.")
+    cuda_graphs: bool = Field(True, description="Capture decode steps in CUDA graphs.")
+    seed: int = Field(0, description="Seed of the shared sampler for unseeded requests.")
+    # ---- HTTP -----------------------------------------------------------------------------
+    host: str = Field("0.0.0.0", description="Address to listen on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="API keys accepted as 'Authorization: Bearer KEY' on "
+        "/v1 routes (comma-separated in GPTQ_API_KEYS; --api-key repeats). None set: no auth.")
+    api_key_file: str | None = Field(None, description="A file of API keys, one per line "
+                                     "(e.g. a mounted Kubernetes Secret).")
+    metrics_require_auth: bool = Field(False, description="Require an API key on /metrics.")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Origins allowed by CORS (comma-separated; off "
+        "when empty).")
+    chat_template: str = Field("default", description="Chat prompt format: 'default' (### "
+                               "System/### User/### Response), 'llama-2-chat' ([INST] <<SYS>>), "
+                               "'tokenizer' (the checkpoint's own chat_template) or a path to "
+                               "a Jinja file.")
+    # ---- limits -----------------------------------------------------------------------------
+    max_queued_requests: int = Field(256, ge=0, description="Requests waiting for the engine "
+                                     "beyond which new ones get 429 with Retry-After.")
+    max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may "
+                                  "ask for.")
+    default_max_tokens: int | None = Field(None, ge=1, description="max_tokens when a request "
+                                           "gives none (default: the rest of the context, up "
+                                           "to max_tokens_limit).")
+    max_n: int = Field(8, ge=1, description="Largest n (choices per prompt).")
+    max_prompts: int = Field(32, ge=1, description="Most prompts in one completions request.")
+    max_logit_bias: int = Field(300, ge=0, description="Most logit_bias entries.")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body; "
+                                "larger ones get 413.")
+    keepalive_interval: float = Field(10.0, gt=0, description="Seconds between SSE keep-alive "
+                                      "comments while a stream waits for tokens.")
+    shutdown_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests get to "
+                                    "finish after SIGTERM before they are ended.")
+    warmup: bool = Field(True, description="Run one short generation before reporting ready.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level.")
+
+    @field_validator("served_model_name", "api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("block_size")
+    @classmethod
+    def _block_size(cls, value: int) -> int:
+        if value not in (8, 16, 32, 64, 128):
+            raise ValueError("block_size must be one of 8, 16, 32, 64, 128")
+        return value
+
+    @model_validator(mode="after")
+    def _load_key_file(self) -> Settings:
+        if self.api_key_file:
+            path = Path(self.api_key_file)
+            if not path.is_file():
+                raise ValueError(f"api_key_file {path} does not exist")
+            keys = [k.strip() for k in path.read_text().splitlines() if k.strip()]
+            self.api_keys = [*self.api_keys, *[k for k in keys if k not in self.api_keys]]
+        return self
+
+    @property
+    def model_names(self) -> list[str]:
+        return self.served_model_name or [Path(self.model.rstrip("/")).name or self.model]
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=self.model, revision=self.revision, download_dir=self.download_dir,
+            offline=self.offline, max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+            block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            kv_cache_memory_gb=self.kv_cache_memory_gb, device=self.device,
+            linear_backend=self.linear_backend, attention_backend=self.attention_backend,
+            dtype=self.dtype, cuda_graphs=self.cuda_graphs, seed=self.seed)
+
+
+# Flag spellings that differ from the field name.
+_FLAG_NAMES = {"api_keys": "api-key"}
+
+
+def flag_name(field: str) -> str:
+    return "--" + _FLAG_NAMES.get(field, field.replace("_", "-"))
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per settings field; unset flags stay absent so env vars and defaults apply."""
+    for name, field in Settings.model_fields.items():
+        help_text = f"{field.description} [env {env_name(name)}]"
+        flag = flag_name(name)
+        annotation = str(field.annotation)
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        elif "list" in annotation:
+            parser.add_argument(flag, dest=name, action="append", default=argparse.SUPPRESS,
+                                help=help_text + " (repeatable)")
+        else:
+            parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_text)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    values = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+    for key in ("served_model_name", "api_keys", "cors_origins"):
+        if key in values:  # "--api-key a,b --api-key c" means three keys
+            values[key] = [p.strip() for v in values[key] for p in v.split(",") if p.strip()]
+    return Settings(**values)
+
+
+def environment_snapshot() -> dict[str, str]:
+    """The GPTQ_* variables in force (for logs; key values are masked)."""
+    return {k: ("***" if "KEY" in k else v) for k, v in os.environ.items()
+            if k.startswith(ENV_PREFIX)}
