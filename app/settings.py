@@ -175,3 +175,19 @@ def environment_snapshot() -> dict[str, str]:
     """The GPTQ_* variables in force (for logs; key values are masked)."""
     return {k: ("***" if "KEY" in k else v) for k, v in os.environ.items()
             if k.startswith(ENV_PREFIX)}
+
+
+def settings_table() -> str:
+    """The Markdown table of every setting, as docs/configuration.md shows it (a test keeps the
+    two identical: regenerate with ``python -m app.settings``)."""
+    rows = ["| flag | environment variable | default | description |", "|---|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default_factory() if field.default_factory else field.default
+        shown = "(none)" if default in (None, []) else f"`{default}`"
+        rows.append(f"| `{flag_name(name)}` | `{env_name(name)}` | {shown} | "
+                    f"{field.description} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(settings_table(), end="")

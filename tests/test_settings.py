@@ -1,0 +1,62 @@
+"""The settings object: flags, env vars, precedence, and the configuration doc."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from app.settings import Settings, add_arguments, settings_from_args, settings_table
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+
+
+def parse(argv: list[str]) -> Settings:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return settings_from_args(parser.parse_args(argv))
+
+
+def test_defaults_serve_the_reference_model() -> None:
+    s = Settings()
+    assert s.model == "TheBloke/Llama-2-13B-GPTQ" and s.revision == "main"
+    assert s.port == 8000 and s.chat_template == "default"
+    assert s.model_names == ["Llama-2-13B-GPTQ"]
+
+
+def test_env_vars_apply_and_flags_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPTQ_MAX_NUM_SEQS", "7")
+    monkeypatch.setenv("GPTQ_PORT", "9001")
+    monkeypatch.setenv("GPTQ_API_KEYS", "a, b")
+    monkeypatch.setenv("GPTQ_WARMUP", "false")
+    s = parse(["--port", "9002"])
+    assert s.max_num_seqs == 7 and s.port == 9002
+    assert s.api_keys == ["a", "b"] and s.warmup is False
+
+
+def test_repeatable_flags_and_key_file(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("k3\n\nk4\n")
+    s = parse(["--api-key", "k1", "--api-key", "k2", "--api-key-file", str(keys),
+               "--served-model-name", "a,b"])
+    assert s.api_keys == ["k1", "k2", "k3", "k4"] and s.model_names == ["a", "b"]
+
+
+@pytest.mark.parametrize("argv", [["--port", "0"], ["--block-size", "12"],
+                                  ["--device", "tpu"], ["--max-num-seqs", "x"],
+                                  ["--gpu-memory-utilization", "1.5"]])
+def test_invalid_values_are_refused(argv: list[str]) -> None:
+    with pytest.raises(ValidationError):
+        parse(argv)
+
+
+def test_engine_config_carries_the_engine_settings() -> None:
+    cfg = parse(["--model", "/m", "--max-model-len", "512", "--device", "cpu"]).engine_config()
+    assert cfg.model == "/m" and cfg.max_model_len == 512 and cfg.device == "cpu"
+
+
+def test_the_configuration_doc_lists_every_setting_as_generated() -> None:
+    assert settings_table() in DOC.read_text(), \
+        "docs/configuration.md is stale: regenerate the table with `python -m app.settings`"
