@@ -11,6 +11,7 @@ import itertools
 import logging
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from pathlib import Path
 
 from engine.checkpoint.loader import load_checkpoint
 from engine.config import EngineConfig
@@ -88,7 +89,9 @@ class LLMEngine:
         scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len),
             BlockManager(blocks, config.block_size))
-        info = ModelInfo(model=config.model, revision=config.revision, bits=ckpt.quant.bits,
+        # A local folder has no revision; a hub repo's is the branch the user asked for.
+        revision = None if Path(config.model).is_dir() else config.revision
+        info = ModelInfo(model=config.model, revision=revision, bits=ckpt.quant.bits,
                          group_size=ckpt.quant.group_size, act_order=ckpt.quant.desc_act,
                          linear_backend=linear.name, attention_backend=attention.name,
                          max_model_len=max_model_len, vocab_size=tokenizer.vocab_size,
