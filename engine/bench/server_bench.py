@@ -93,7 +93,7 @@ async def run_load(args: argparse.Namespace) -> tuple[list[RequestRecord], float
             async with gate:
                 return await _one(client, {
                     "model": model, "prompt": prompt, "max_tokens": args.new_tokens,
-                    "temperature": 0.0, "stream": True,
+                    "temperature": 0.0, "ignore_eos": True, "stream": True,
                     "stream_options": {"include_usage": True}})
 
         prompts = [[rng.randrange(3, args.vocab_size) for _ in range(args.prompt_len)]
