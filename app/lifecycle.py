@@ -36,7 +36,7 @@ async def start(state: ServerState, engine: EngineClient | None) -> None:
         state.engine = engine
         state.metrics.set_model_info(engine.model_info)
         if settings.warmup:
-            await warm_up(engine)
+            await warm_up(engine, settings.max_num_batched_tokens)
         state.ready = True
         log.info("ready in %.1f s: %s", time.monotonic() - t0, engine.model_info)
     except Exception as exc:
@@ -45,12 +45,18 @@ async def start(state: ServerState, engine: EngineClient | None) -> None:
         raise
 
 
-async def warm_up(engine: EngineClient) -> None:
-    """One short generation through the whole path (kernels, graphs, sampler)."""
-    prompt = engine.tokenizer.encode("Hello")
+async def warm_up(engine: EngineClient, chunk_tokens: int) -> None:
+    """Generations through the whole path before the first user arrives: a short prompt (decode
+    kernels, graphs, sampler) and one longer than a step's token budget, so that a chunked
+    prefill compiles its kernels now rather than during someone's first request."""
+    max_len = engine.model_info.max_model_len
+    tok = engine.tokenizer
     params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
-    async for _ in engine.generate(prompt, params, "warmup"):
-        pass
+    long_len = min(chunk_tokens + 16, max_len - params.max_tokens - 1)
+    filler = tok.encode("Hello world. " * (long_len // 2 + 1))[:long_len]
+    for i, prompt in enumerate((tok.encode("Hello"), filler)):
+        async for _ in engine.generate(prompt, params, f"warmup-{i}"):
+            pass
 
 
 async def drain(state: ServerState) -> None:
