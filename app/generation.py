@@ -53,6 +53,7 @@ class Generation:
         self.state.begin()
         self.state.awaiting_first_token += len(self.jobs)
         awaiting = {job.index for job in self.jobs}
+        unfinished = {job.index for job in self.jobs}
 
         async def pump(job: ChoiceJob) -> None:
             try:
@@ -87,12 +88,17 @@ class Generation:
                     awaiting.discard(index)
                     self.state.awaiting_first_token -= 1
                 self._observe(traces[index], item)
+                if item.finished:
+                    unfinished.discard(index)
                 yield index, item
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self.state.awaiting_first_token -= len(awaiting)
+            if unfinished:  # the client went away or an error ended the request early
+                self.state.metrics.request_success.labels(
+                    finish_reason="abort").inc(len(unfinished))
             self.state.end()
 
     async def collect(self, keepalive: float = 1.0) -> dict[int, list[GenerationDelta]]:
