@@ -10,6 +10,8 @@ MODEL  ?= TheBloke/Llama-2-13B-GPTQ
 REVISION ?= main
 DEMO_DIR ?= demo-model
 
+CHECKOV := $(VENV)/checkov/bin/checkov
+
 .PHONY: venv test test-cuda lint run demo bench clean
 
 $(BIN)/.installed: pyproject.toml Makefile
@@ -23,7 +25,13 @@ else
 endif
 	touch $@
 
-venv: $(BIN)/.installed
+# checkov pins packaging<24 and networkx<2.7 (older than torch and transformers need), so it
+# gets a virtual environment of its own; tests/deploy_tools.py finds it there.
+$(CHECKOV):
+	$(PYTHON) -m venv $(VENV)/checkov
+	$(VENV)/checkov/bin/pip install -q checkov==3.3.30
+
+venv: $(BIN)/.installed $(CHECKOV)
 
 test: venv
 	$(BIN)/python -m pytest -q -ra
@@ -33,6 +41,7 @@ test-cuda: venv
 
 lint: venv
 	$(BIN)/ruff check app engine tests
+	$(BIN)/hadolint Dockerfile
 
 run: venv
 	$(BIN)/gptq-serve serve --model $(MODEL) --revision $(REVISION)
