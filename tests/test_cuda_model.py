@@ -94,13 +94,8 @@ def test_cuda_engine_matches_torch_reference(checkpoint: Path) -> None:
         assert rel_err(logits_after(cuda, prompt, steps), want) < 2e-2, steps
 
 
-# Open finding (H200, exllamav2 0.3.2): exllamav2's ExLlamaV2 model disagrees with both our
-# engine and the torch reference on these synthetic checkpoints (relative logit error 0.19-0.30
-# on the 2-layer tiny model, 1.28 on the 40-layer 13B one), while our engine matches the
-# reference, which is itself checked against transformers. Strict: the day they agree, this
-# marker must go.
-@pytest.mark.xfail(strict=True, reason="exllamav2's model disagrees with the reference on "
-                   "synthetic checkpoints; cause not yet found (see docs/benchmarks.md)")
+# exllamav2's model is run with its matmul attention (exl2_logits): its SDPA fallback, used when
+# flash-attn is absent, attends without a causal mask during prefill (see exl2_baseline.py).
 def test_cuda_engine_matches_exllamav2_model(checkpoint: Path) -> None:
     from engine.bench.exl2_baseline import exl2_logits
 

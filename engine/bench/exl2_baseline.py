@@ -24,13 +24,23 @@ class Exl2Results:
     probe_logits: torch.Tensor | None
 
 
-def load_exl2(folder: Path, max_seq_len: int) -> tuple[Any, Any, Any, Any]:
-    """-> (config, model, cache, tokenizer), the model loaded on GPU 0 with a batch-1 cache."""
+def load_exl2(folder: Path, max_seq_len: int, exact_attention: bool = False
+              ) -> tuple[Any, Any, Any, Any]:
+    """-> (config, model, cache, tokenizer), the model loaded on GPU 0 with a batch-1 cache.
+
+    ``exact_attention``: without flash-attn and xformers, exllamav2 0.3.2 attends through
+    PyTorch SDPA, and that path passes no causal mask for a multi-token prompt (attn.py: the
+    block-diagonal branch is always taken and returns None outside its vision tower), so every
+    prompt position also sees later tokens. Its matmul path builds the causal mask; logit
+    comparisons use it. Speed runs keep SDPA, exllamav2's fastest path here: the decode steps
+    they time are single-token, which need no mask.
+    """
     from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ExLlamaV2Tokenizer
 
     config = ExLlamaV2Config(str(folder))
     config.max_seq_len = max_seq_len
     config.no_flash_attn = True  # not installable on our image; made explicit, not probed
+    config.no_sdpa = exact_attention
     model = ExLlamaV2(config)
     cache = ExLlamaV2Cache(model, max_seq_len=max_seq_len, lazy=True)
     model.load_autosplit(cache, progress=False)
@@ -39,7 +49,8 @@ def load_exl2(folder: Path, max_seq_len: int) -> tuple[Any, Any, Any, Any]:
 
 def exl2_logits(folder: Path, prompt: list[int]) -> torch.Tensor:
     """Last-position logits [V] float32 of exllamav2's ExLlamaV2 model on ``prompt``."""
-    _, model, cache, _ = load_exl2(folder, max_seq_len=max(256, -(-len(prompt) // 256) * 256))
+    _, model, cache, _ = load_exl2(folder, max_seq_len=max(256, -(-len(prompt) // 256) * 256),
+                                   exact_attention=True)
     try:
         return _last_logits(model, cache, prompt)
     finally:
@@ -65,9 +76,13 @@ def bench_exl2_generator(folder: Path, prompt: list[int], new_tokens: int,
     )
 
     max_seq_len = -(-(len(prompt) + new_tokens + 1) // 256) * 256
-    _, model, cache, tokenizer = load_exl2(folder, max_seq_len)
+    config, model, cache, tokenizer = load_exl2(folder, max_seq_len)
     try:
-        probe_logits = None if probe is None else _last_logits(model, cache, probe)
+        probe_logits = None
+        if probe is not None:
+            config.no_sdpa = True  # read at forward time: the probe gets causal attention
+            probe_logits = _last_logits(model, cache, probe)
+            config.no_sdpa = False
         generator = ExLlamaV2DynamicGenerator(model=model, cache=cache, tokenizer=tokenizer,
                                               paged=False, max_batch_size=1)
         ttfts, rates, count = [], [], 0
