@@ -69,7 +69,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OpenAIError)
-    async def _openai(_: Request, exc: OpenAIError) -> JSONResponse:
+    async def _openai(request: Request, exc: OpenAIError) -> JSONResponse:
+        if exc.status >= 500 and exc.status != 503:
+            log.error("request %s: %d %s", _request_id(request), exc.status, exc.message)
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
@@ -90,5 +92,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error on %s %s", request.method, request.url.path)
-        return OpenAIError(500, "internal server error", code="internal_error").response()
+        request_id = _request_id(request)
+        log.exception("request %s: internal error on %s %s", request_id, request.method,
+                      request.url.path)
+        return OpenAIError(500, f"internal server error (request id {request_id})",
+                           code="internal_error").response()
+
+
+def _request_id(request: Request) -> str:
+    return getattr(request.state, "request_id", "-")

@@ -1,20 +1,24 @@
 """Running a request's engine generations: n choices per prompt, merged into one stream, with
-per-request metrics and aborts when the caller goes away."""
+admission, per-request metrics and aborts when the caller goes away."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from app.errors import OpenAIError
 from app.state import ServerState
+from engine.client import EngineClient
 from engine.outputs import FinishReason, GenerationDelta
 from engine.params import SamplingParams
 
-KEEPALIVE = None  # what merged() yields when nothing arrived within the keep-alive interval
+log = logging.getLogger(__name__)
+
+KEEPALIVE = None  # what stream() yields when nothing arrived within the keep-alive interval
 
 
 @dataclass
@@ -35,37 +39,64 @@ class ChoiceTrace:
 
 @dataclass
 class Generation:
-    """All engine requests of one HTTP request."""
+    """All engine requests of one HTTP request, admitted on construction.
+
+    Admission (429 when the queue is full) reserves the request's place at once: it counts as
+    in flight (the drain waits for it) and its choices count as waiting until each produces a
+    token, so a burst of requests cannot all slip past the queue limit before any of them
+    starts streaming. ``release()`` gives the place back; it is idempotent and the stream's
+    end, the non-streaming path and the SSE response's close all call it.
+    """
 
     state: ServerState
+    engine: EngineClient
     jobs: list[ChoiceJob]
+    # Shown in logs next to the HTTP request id; engine request ids are "<this>-<index>".
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    http_request_id: str = "-"
+    _awaiting: set[int] = field(default_factory=set, init=False)
+    _open: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self.state.check_queue(len(self.jobs))
+        self._awaiting = {job.index for job in self.jobs}
+        self.state.awaiting_first_token += len(self._awaiting)
+        self.state.begin()
+        self._open = True
+
+    def release(self) -> None:
+        self.state.awaiting_first_token -= len(self._awaiting)
+        self._awaiting.clear()
+        if self._open:
+            self._open = False
+            self.state.end()
+
+    def _first_output(self, index: int) -> None:
+        if index in self._awaiting:
+            self._awaiting.discard(index)
+            self.state.awaiting_first_token -= 1
 
     async def stream(self, keepalive: float | None = None
                      ) -> AsyncIterator[tuple[int, GenerationDelta] | None]:
         """Yield (choice index, delta) as they come, or KEEPALIVE after ``keepalive`` seconds of
         silence. Closing this iterator (client gone) aborts every engine request."""
-        engine = self.state.require_engine()
         queue: asyncio.Queue[tuple[int, GenerationDelta | BaseException | None]] = \
             asyncio.Queue()
         arrival = time.monotonic()
         traces = {job.index: ChoiceTrace(arrival) for job in self.jobs}
-        self.state.begin()
-        self.state.awaiting_first_token += len(self.jobs)
-        awaiting = {job.index for job in self.jobs}
         unfinished = {job.index for job in self.jobs}
 
         async def pump(job: ChoiceJob) -> None:
             try:
-                async for delta in engine.generate(job.prompt_token_ids, job.params,
-                                                   f"{self.request_id}-{job.index}"):
-                    await queue.put((job.index, delta))
+                async for delta in self.engine.generate(job.prompt_token_ids, job.params,
+                                                        f"{self.request_id}-{job.index}"):
+                    queue.put_nowait((job.index, delta))
             except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer
-                await queue.put((job.index, exc))
+                queue.put_nowait((job.index, exc))
                 if isinstance(exc, asyncio.CancelledError):
                     raise
             finally:
-                await queue.put((job.index, None))
+                queue.put_nowait((job.index, None))
 
         tasks = [asyncio.create_task(pump(job)) for job in self.jobs]
         try:
@@ -78,28 +109,27 @@ class Generation:
                     continue
                 if item is None:
                     remaining -= 1
-                    if index in awaiting:
-                        awaiting.discard(index)
-                        self.state.awaiting_first_token -= 1
+                    self._first_output(index)
                     continue
                 if isinstance(item, BaseException):
-                    raise _as_openai_error(item)
-                if index in awaiting and (item.token_ids or item.finished):
-                    awaiting.discard(index)
-                    self.state.awaiting_first_token -= 1
+                    raise self._as_openai_error(item)
+                if item.token_ids or item.finished:
+                    self._first_output(index)
                 self._observe(traces[index], item)
                 if item.finished:
                     unfinished.discard(index)
                 yield index, item
         finally:
+            # No await in here: a client that hangs up cancels this generator inside an anyio
+            # cancel scope, which cancels every later await too, and the bookkeeping below must
+            # run whatever happens. Cancelling a pump closes its engine.generate() iterator,
+            # which aborts the engine request (its KV blocks are freed by the engine).
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            self.state.awaiting_first_token -= len(awaiting)
             if unfinished:  # the client went away or an error ended the request early
                 self.state.metrics.request_success.labels(
                     finish_reason="abort").inc(len(unfinished))
-            self.state.end()
+            self.release()
 
     async def collect(self, keepalive: float = 1.0) -> dict[int, list[GenerationDelta]]:
         """Every choice's deltas (non-streaming requests)."""
@@ -127,15 +157,19 @@ class Generation:
             t = delta.timings
             if t is not None and t.first_scheduled is not None:
                 m.queue_time.observe(max(0.0, t.first_scheduled - t.arrival))
+            if delta.finish_reason == FinishReason.ERROR:
+                log.error("request %s (engine request %s) failed in the engine: %s",
+                          self.http_request_id, delta.request_id, delta.error)
 
-
-def _as_openai_error(exc: BaseException) -> BaseException:
-    if isinstance(exc, OpenAIError | asyncio.CancelledError):
-        return exc
-    if isinstance(exc, ValueError):
-        return OpenAIError(400, str(exc), param=getattr(exc, "param", "prompt"),
-                           code=getattr(exc, "code", None))
-    return OpenAIError(500, f"internal error: {exc}", code="internal_error")
+    def _as_openai_error(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, OpenAIError | asyncio.CancelledError):
+            return exc
+        if isinstance(exc, ValueError):  # the engine refused the prompt (EngineClient contract)
+            return OpenAIError(400, str(exc), param=getattr(exc, "param", "prompt"),
+                               code=getattr(exc, "code", None))
+        log.error("request %s (engine request %s) failed", self.http_request_id,
+                  self.request_id, exc_info=exc)
+        return OpenAIError(500, f"internal error: {exc}", code="internal_error")
 
 
 def delta_error(delta: GenerationDelta) -> OpenAIError | None:
@@ -154,8 +188,9 @@ def openai_finish_reason(delta: GenerationDelta) -> str | None:
     return None
 
 
-async def run_until_disconnect(request_is_disconnected, generation: Generation,  # noqa: ANN001
-                               poll_s: float = 0.25) -> dict[int, list[GenerationDelta]]:
+async def run_until_disconnect(is_disconnected: Callable[[], Awaitable[bool]],
+                               generation: Generation, poll_s: float = 0.25
+                               ) -> dict[int, list[GenerationDelta]]:
     """Collect a non-streaming generation, aborting it if the client disconnects."""
     task = asyncio.create_task(generation.collect())
     try:
@@ -163,14 +198,12 @@ async def run_until_disconnect(request_is_disconnected, generation: Generation, 
             done, _ = await asyncio.wait({task}, timeout=poll_s)
             if done:
                 return task.result()
-            if await request_is_disconnected():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+            if await is_disconnected():
                 raise OpenAIError(499, "client closed the request")
     finally:
         if not task.done():
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        generation.release()  # also when the task never got to start its stream
 
 
 def seeds_for(seed: int | None, count: int) -> Sequence[int | None]:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from app.settings import Settings
 from app.state import ServerState
@@ -14,6 +17,8 @@ from engine.client import EngineClient
 from engine.params import SamplingParams
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def build_engine(settings: Settings) -> EngineClient:
@@ -30,10 +35,11 @@ async def start(state: ServerState, engine: EngineClient | None) -> None:
     try:
         t0 = time.monotonic()
         if engine is None:
-            engine = await asyncio.to_thread(build_engine, settings)
-        await engine.start()
+            engine = await in_daemon_thread(build_engine, settings)
+        # The template first: a bad --chat-template fails start-up before the loop runs.
         state.template = load_template(settings.chat_template, engine.tokenizer.chat_template)
-        state.engine = engine
+        await engine.start()
+        state.engine = engine  # from here on, shut down with the app
         state.metrics.set_model_info(engine.model_info)
         if settings.warmup:
             await warm_up(engine, settings.max_num_batched_tokens)
@@ -43,6 +49,35 @@ async def start(state: ServerState, engine: EngineClient | None) -> None:
         state.load_error = f"{type(exc).__name__}: {exc}"
         log.exception("start-up failed")
         raise
+
+
+async def in_daemon_thread(fn: Callable[..., T], *args: object) -> T:
+    """Run a blocking call in a daemon thread. Unlike asyncio.to_thread (whose executor the
+    event loop joins on exit), a SIGTERM during a minutes-long download or load then ends the
+    process at once instead of waiting for the load to finish."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():  # the waiter was cancelled meanwhile
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def target() -> None:
+        result: T | None = None
+        error: BaseException | None = None
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting coroutine
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=target, name="model-load", daemon=True).start()
+    return await future
 
 
 async def warm_up(engine: EngineClient, chunk_tokens: int) -> None:

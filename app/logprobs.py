@@ -11,13 +11,15 @@ from engine.outputs import TokenLogprob
 
 
 class CompletionLogprobBuilder:
-    """Accumulates the legacy {tokens, token_logprobs, top_logprobs, text_offset} shape;
-    text_offset counts characters from the start of the choice's full text (prompt included,
-    as OpenAI does)."""
+    """Builds the legacy {tokens, token_logprobs, top_logprobs, text_offset} shape of generated
+    tokens, delta by delta; text_offset counts characters from the start of the prompt (as
+    OpenAI does, echoed or not), so the first generated token sits at len(prompt text)."""
 
-    def __init__(self, tokenizer: TokenizerLike, start_offset: int) -> None:
+    def __init__(self, tokenizer: TokenizerLike, start_offset: int,
+                 skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.offset = start_offset
+        self.skip_special_tokens = skip_special_tokens
 
     def build(self, entries: Sequence[TokenLogprob]) -> CompletionLogprobs:
         tok = self.tokenizer
@@ -30,18 +32,60 @@ class CompletionLogprobBuilder:
             out.top_logprobs.append({s: lp for s, (_, lp) in zip(top_strings, entry.top,
                                                                   strict=True)})
             out.text_offset.append(self.offset)
-            self.offset += len(text)
+            if not (self.skip_special_tokens and skipped_special(tok, entry.token_id)):
+                self.offset += len(text)
         return out
 
 
-def prompt_entries(tokenizer: TokenizerLike, prompt_ids: Sequence[int],
-                   entries: Sequence[TokenLogprob | None] | None) -> list[TokenLogprob]:
-    """The echoed prompt's logprobs. BOS is not part of the echoed text and the first token has
-    no logprob (nothing precedes it); both are left out, so every entry is a number."""
+def skipped_special(tokenizer: TokenizerLike, token_id: int) -> bool:
+    """Whether the token is a special one that decoding with skip_special_tokens leaves out of
+    the text: it keeps its name in ``tokens`` but adds no characters, so the offsets after it
+    stay on the text."""
+    return (tokenizer.decode([token_id], skip_special_tokens=True) == ""
+            and tokenizer.decode([token_id], skip_special_tokens=False) != "")
+
+
+def echo_logprobs(tokenizer: TokenizerLike, prompt_ids: Sequence[int],
+                  entries: Sequence[TokenLogprob | None] | None,
+                  echo_text: str) -> CompletionLogprobs:
+    """The echoed prompt's logprobs, with text offsets into ``echo_text``.
+
+    Tokens without a logprob (BOS; the first token of a prompt given without BOS) are left out,
+    so every entry is a number as the schema requires. The decoded prompt drops the space that
+    sentencepiece writes before the first word ('▁Hello' reads "Hello"), so the first token's
+    string drops it too and the offsets line up with the echoed text.
+    """
+    out = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
     if not entries:
-        return []
+        return out
     bos = tokenizer.bos_token_id
-    return [e for t, e in zip(prompt_ids, entries, strict=True) if e is not None and t != bos]
+    pairs = [(t, e) for t, e in zip(prompt_ids, entries, strict=True) if t != bos]
+    strings = tokenizer.token_strings([t for t, _ in pairs])
+    if strings and strings[0].startswith(" ") and not echo_text.startswith(" "):
+        strings[0] = strings[0][1:]
+    offset = 0
+    for (token_id, entry), text in zip(pairs, strings, strict=True):
+        if entry is not None:
+            out.tokens.append(text)
+            out.token_logprobs.append(entry.logprob)
+            top_strings = tokenizer.token_strings([t for t, _ in entry.top])
+            out.top_logprobs.append({s: lp for s, (_, lp) in zip(top_strings, entry.top,
+                                                                  strict=True)})
+            out.text_offset.append(offset)
+        if not skipped_special(tokenizer, token_id):  # the echoed text skips them
+            offset += len(text)
+    return out
+
+
+def concat(parts: Sequence[CompletionLogprobs | None]) -> CompletionLogprobs:
+    out = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+    for part in parts:
+        if part is not None:
+            out.tokens += part.tokens
+            out.token_logprobs += part.token_logprobs
+            out.top_logprobs += part.top_logprobs
+            out.text_offset += part.text_offset
+    return out
 
 
 def chat_entries(tokenizer: TokenizerLike, entries: Sequence[TokenLogprob]

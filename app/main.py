@@ -13,11 +13,17 @@ from fastapi.middleware.cors import CORSMiddleware
 from app import __version__, lifecycle
 from app.errors import install_error_handlers
 from app.metrics import Metrics
-from app.middleware import AuthMiddleware, BodyLimitMiddleware, HTTPMetricsMiddleware
+from app.middleware import (
+    AuthMiddleware,
+    BodyLimitMiddleware,
+    HTTPMetricsMiddleware,
+    RequestIdMiddleware,
+)
 from app.routes import chat, completions, health, metrics, models, tokenize
 from app.settings import Settings
 from app.state import ServerState
 from engine.client import EngineClient
+from engine.outputs import EngineStats
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +31,10 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings, engine: EngineClient | None = None) -> FastAPI:
     """An app serving ``engine``, or the engine ``settings`` describe, loaded after the port
     opens so /health answers during a long load and /ready turns 200 only when it is done."""
-    state = ServerState(settings=settings, metrics=Metrics(lambda: _stats(state)))
+    def stats() -> EngineStats | None:  # read at scrape time, once the engine exists
+        return state.stats()
+
+    state = ServerState(settings=settings, metrics=Metrics(stats))
     state.idle.set()
 
     @contextlib.asynccontextmanager
@@ -49,15 +58,13 @@ def create_app(settings: Settings, engine: EngineClient | None = None) -> FastAP
     for router in (completions.router, chat.router, models.router, health.router,
                    tokenize.router, metrics.router):
         app.include_router(router)
-    # Outermost last: metrics see every response, auth runs before any body is read.
+    # Outermost last: every response carries a request id, metrics see every response, auth
+    # runs before any body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(AuthMiddleware, state=state)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["*"], allow_headers=["*"])
-    app.add_middleware(HTTPMetricsMiddleware, state=state)
+    app.add_middleware(HTTPMetricsMiddleware, state=state, routes=app.router.routes)
+    app.add_middleware(RequestIdMiddleware)
     return app
-
-
-def _stats(state: ServerState):  # noqa: ANN202
-    return state.stats()

@@ -6,8 +6,11 @@ from __future__ import annotations
 import hmac
 import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+
+from starlette.routing import BaseRoute, Match
 
 from app.errors import OpenAIError
 from app.state import ServerState
@@ -19,6 +22,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _SLASHES = re.compile(r"/+")
+# A client's own X-Request-Id is kept only when it is a plain token (it goes into the logs).
+_CLIENT_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
 
 
 def canonical_path(path: str) -> str:
@@ -32,6 +37,32 @@ async def _send_error(send: Send, err: OpenAIError) -> None:
     await send({"type": "http.response.start", "status": response.status_code,
                 "headers": response.raw_headers})
     await send({"type": "http.response.body", "body": response.body})
+
+
+class RequestIdMiddleware:
+    """Gives every request an id: the client's X-Request-Id when it is a plain token, else a
+    new one. It is echoed in the X-Request-Id response header and named in the log lines of
+    any fault, so a user's report can be matched to the server's log."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = next((v for k, v in scope.get("headers", ()) if k == b"x-request-id"), b"")
+        request_id = (given.decode() if _CLIENT_REQUEST_ID.fullmatch(given)
+                      else f"req-{uuid.uuid4().hex}")
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 class AuthMiddleware:
@@ -77,7 +108,12 @@ class AuthMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over the limit: by Content-Length up front, else while streaming in."""
+    """413 for bodies over the limit: by Content-Length up front, else while reading it in.
+
+    The body is read here, before the app sees it, so an oversized chunked upload is refused
+    with 413 rather than surfacing as a parse error; the app then gets the body in one message
+    and, after it, the client's own receive channel (so disconnects are still seen).
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -93,29 +129,50 @@ class BodyLimitMiddleware:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
                 await _send_error(send, too_big)
                 return
+        chunks: list[bytes] = []
         received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise too_big
-            return message
+            if message["type"] != "http.request":  # the client left before sending it all
+                return
+            chunks.append(message.get("body", b""))
+            received += len(chunks[-1])
+            if received > self.max_bytes:
+                await _send_error(send, too_big)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except OpenAIError as err:
-            if err is not too_big:
-                raise
-            await _send_error(send, err)
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def route_template(scope: Scope, routes: list[BaseRoute]) -> str:
+    """The route template a request matched ("/v1/models/{model_id:path}"), never the raw path:
+    a label per raw path would let any client grow the metrics without bound. Requests answered
+    before routing (401, 413) are matched here so they count under their route too."""
+    route = scope.get("route")
+    if route is None:
+        route = next((r for r in routes if r.matches(scope)[0] != Match.NONE), None)
+    return getattr(route, "path", None) or "unmatched"
 
 
 class HTTPMetricsMiddleware:
-    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+    """Counts and times every HTTP request by route template, method and status; a request
+    refused as invalid (400, 413, or a 404 on a known route such as an unknown model) also
+    counts in gptq_requests_rejected_total{reason="invalid"}."""
+
+    def __init__(self, app: ASGIApp, state: ServerState, routes: list[BaseRoute]) -> None:
         self.app = app
         self.state = state
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -133,9 +190,10 @@ class HTTPMetricsMiddleware:
         try:
             await self.app(scope, receive, observed_send)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
+            template = route_template(scope, self.routes)
             m = self.state.metrics
             m.http_requests.labels(route=template, method=scope["method"],
                                    status=str(status)).inc()
             m.http_duration.labels(route=template).observe(time.monotonic() - start)
+            if status in (400, 413) or (status == 404 and template != "unmatched"):
+                m.requests_rejected.labels(reason="invalid").inc()

@@ -21,8 +21,13 @@ def normalise_stop(stop: str | list[str] | None) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def check_limits(req: SamplingFields, settings: Settings, vocab_size: int) -> None:
-    """Cheap checks before any tokenising work."""
+def check_limits(req: SamplingFields, settings: Settings, vocab_size: int,
+                 max_model_len: int, max_tokens: int | None, max_tokens_param: str) -> None:
+    """Cheap checks before any tokenising work. ``max_tokens`` is what the request asked for
+    under the name ``max_tokens_param``; the check that needs the prompt's length is
+    resolve_max_tokens'."""
+    if max_tokens is not None:
+        _check_max_tokens(max_tokens, max_tokens_param, max_model_len, settings)
     n = 1 if req.n is None else req.n
     if n < 1 or n > settings.max_n:
         raise bad_request(f"'n' must be between 1 and {settings.max_n}", "n")
@@ -41,15 +46,29 @@ def check_limits(req: SamplingFields, settings: Settings, vocab_size: int) -> No
     normalise_stop(req.stop)
 
 
+def _check_max_tokens(requested: int, param: str, max_model_len: int,
+                      settings: Settings) -> None:
+    if requested < 1:
+        raise bad_request(f"'{param}' must be at least 1", param)
+    # A prompt has at least one token, so this much can never fit, whatever the prompt.
+    if requested >= max_model_len:
+        raise OpenAIError(400, f"this model's maximum context length is {max_model_len} tokens; "
+                          f"'{param}' asks for {requested} to generate, which leaves no room "
+                          f"for the prompt. Lower {param}.", param=param,
+                          code="context_length_exceeded")
+    if requested > settings.max_tokens_limit:
+        raise bad_request(f"'{param}' must be at most {settings.max_tokens_limit}", param)
+
+
 def resolve_max_tokens(requested: int | None, param: str, prompt_len: int, max_model_len: int,
-                       settings: Settings) -> int:
+                       settings: Settings, prompt_param: str = "prompt") -> int:
+    """The request's max_tokens, or by default the rest of the context within the limits."""
     room = max_model_len - prompt_len
     if requested is None:
         default = settings.default_max_tokens or settings.max_tokens_limit
         if room < 1:
             raise OpenAIError(400, f"this model's maximum context length is {max_model_len} "
-                              f"tokens; the prompt has {prompt_len}", param="messages"
-                              if param == "max_completion_tokens" else "prompt",
+                              f"tokens; the prompt has {prompt_len}", param=prompt_param,
                               code="context_length_exceeded")
         return min(default, room)
     if requested < 1:

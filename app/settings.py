@@ -70,10 +70,10 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Origins allowed by CORS (comma-separated; off "
         "when empty).")
-    chat_template: str = Field("default", description="Chat prompt format: 'default' (### "
-                               "System/### User/### Response), 'llama-2-chat' ([INST] <<SYS>>), "
-                               "'tokenizer' (the checkpoint's own chat_template) or a path to "
-                               "a Jinja file.")
+    chat_template: str = Field("default", description="Chat prompt format: 'default' (alias "
+                               "'alpaca-system': ### System/### User/### Response), "
+                               "'llama-2-chat' ([INST] <<SYS>>), 'tokenizer' (the checkpoint's "
+                               "own chat_template) or a path to a Jinja file.")
     # ---- limits -----------------------------------------------------------------------------
     max_queued_requests: int = Field(256, ge=0, description="Requests waiting for the engine "
                                      "beyond which new ones get 429 with Retry-After.")

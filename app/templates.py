@@ -129,8 +129,9 @@ def _raise(message: str) -> None:
 
 
 def load_template(spec: str, tokenizer_template: str | None) -> ChatTemplate:
-    """``spec``: "default", "llama-2-chat", "tokenizer", or a path to a Jinja file."""
-    if spec == "default":
+    """``spec``: "default" (alias "alpaca-system"), "llama-2-chat", "tokenizer", or a path to
+    a Jinja file."""
+    if spec in ("default", "alpaca-system"):
         return DefaultTemplate()
     if spec == "llama-2-chat":
         return Llama2ChatTemplate()
@@ -141,6 +142,6 @@ def load_template(spec: str, tokenizer_template: str | None) -> ChatTemplate:
         return JinjaTemplate(tokenizer_template, "tokenizer")
     path = Path(spec)
     if not path.is_file():
-        raise TemplateError(f"chat_template must be default, llama-2-chat, tokenizer or a "
-                            f"Jinja file; {spec!r} is none of these")
+        raise TemplateError(f"chat_template must be default (alpaca-system), llama-2-chat, "
+                            f"tokenizer or a Jinja file; {spec!r} is none of these")
     return JinjaTemplate(path.read_text(), str(path))

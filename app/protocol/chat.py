@@ -25,6 +25,7 @@ class ChatCompletionRequest(SamplingFields):
     modalities: list[str] | None = None
     prediction: Any = None
     web_search_options: Any = None
+    moderation: Any = None
     # Accepted and ignored: they change nothing for a local model.
     parallel_tool_calls: bool | None = None
     metadata: dict[str, Any] | None = None
@@ -36,7 +37,6 @@ class ChatCompletionRequest(SamplingFields):
     prompt_cache_options: Any = None
     prompt_cache_retention: Any = None
     safety_identifier: str | None = None
-    moderation: Any = None
 
 
 class TopLogprob(BaseModel):

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from app import sse
 from app.errors import OpenAIError, bad_request
@@ -28,7 +28,13 @@ from app.protocol.chat import (
     ChoiceLogprobs,
 )
 from app.protocol.common import Usage, new_id, now
-from app.routes.common import check_model, refuse, server_state, system_fingerprint
+from app.routes.common import (
+    check_model,
+    http_request_id,
+    refuse,
+    server_state,
+    system_fingerprint,
+)
 from app.templates import ChatMessage, TemplateError
 from engine.client import EngineClient
 from engine.outputs import GenerationDelta
@@ -102,6 +108,8 @@ def check_unsupported(body: ChatCompletionRequest) -> None:
         raise refuse("prediction", "predicted outputs are not available")
     if body.web_search_options is not None:
         raise refuse("web_search_options", "web search is not available")
+    if body.moderation is not None:
+        raise refuse("moderation", "moderation is not available; the output is not screened")
 
 
 @router.post("/v1/chat/completions")
@@ -116,7 +124,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                               "top_logprobs")
         if not body.logprobs:
             raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    check_limits(body, state.settings, engine.tokenizer.vocab_size)
+    requested, param = ((body.max_completion_tokens, "max_completion_tokens")
+                        if body.max_completion_tokens is not None
+                        else (body.max_tokens, "max_tokens"))
+    max_len = engine.model_info.max_model_len
+    check_limits(body, state.settings, engine.tokenizer.vocab_size, max_len, requested, param)
     messages = parse_messages(body.messages)
     assert state.template is not None
     try:
@@ -126,22 +138,17 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     prompt_ids = engine.tokenizer.encode(rendered.text,
                                          add_special_tokens=rendered.add_special_tokens)
     n = 1 if body.n is None else body.n
-    requested, param = ((body.max_completion_tokens, "max_completion_tokens")
-                        if body.max_completion_tokens is not None
-                        else (body.max_tokens, "max_tokens"))
-    max_tokens = resolve_max_tokens(requested, param, len(prompt_ids),
-                                    engine.model_info.max_model_len, state.settings)
+    max_tokens = resolve_max_tokens(requested, param, len(prompt_ids), max_len, state.settings,
+                                    prompt_param="messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     jobs = [ChoiceJob(j, prompt_ids, sampling_params(body, max_tokens=max_tokens, seed=seed,
                                                      extra_stop=rendered.stop,
                                                      logprobs=logprobs))
             for j, seed in enumerate(seeds_for(body.seed, n))]
-    state.check_queue(len(jobs))
-    generation = Generation(state, jobs)
+    generation = Generation(state, engine, jobs, http_request_id=http_request_id(request))
     ctx = _Context(engine, body, len(prompt_ids), new_id("chatcmpl"), now())
     if body.stream:
-        return StreamingResponse(_stream(ctx, generation), media_type=sse.MEDIA_TYPE,
-                                 headers=sse.HEADERS)
+        return sse.EventStreamResponse(_stream(ctx, generation), generation.release)
     results = await run_until_disconnect(request.is_disconnected, generation)
     return JSONResponse(_response(ctx, results).model_dump())
 

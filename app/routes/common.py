@@ -13,6 +13,11 @@ def server_state(request: Request) -> ServerState:
     return request.app.state.server
 
 
+def http_request_id(request: Request) -> str:
+    """The id RequestIdMiddleware gave this request (also in its X-Request-Id header)."""
+    return getattr(request.state, "request_id", "-")
+
+
 def check_model(state: ServerState, name: str) -> None:
     engine = state.engine
     known = set(state.settings.model_names) | {state.settings.model}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from app import sse
 from app.errors import OpenAIError, bad_request
@@ -17,13 +17,19 @@ from app.generation import (
     run_until_disconnect,
     seeds_for,
 )
-from app.logprobs import CompletionLogprobBuilder, prompt_entries
+from app.logprobs import CompletionLogprobBuilder, concat, echo_logprobs
 from app.params import check_limits, resolve_max_tokens, sampling_params
 from app.protocol.common import Usage, drop_none, new_id, now
-from app.protocol.completions import CompletionChoice, CompletionRequest, CompletionResponse
+from app.protocol.completions import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+)
 from app.routes.common import (
     check_model,
     check_token_ids,
+    http_request_id,
     refuse,
     server_state,
     system_fingerprint,
@@ -85,9 +91,10 @@ async def create_completion(body: CompletionRequest, request: Request):  # noqa:
         raise refuse("best_of", "best_of must equal n when given")
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LEGACY_LOGPROBS:
         raise bad_request(f"'logprobs' must be between 0 and {MAX_LEGACY_LOGPROBS}", "logprobs")
-    check_limits(body, state.settings, engine.tokenizer.vocab_size)
-    prompts = parse_prompts(engine, body.prompt, state.settings.max_prompts)
     max_len = engine.model_info.max_model_len
+    check_limits(body, state.settings, engine.tokenizer.vocab_size, max_len, body.max_tokens,
+                 "max_tokens")
+    prompts = parse_prompts(engine, body.prompt, state.settings.max_prompts)
     jobs: list[ChoiceJob] = []
     for i, prompt in enumerate(prompts):
         max_tokens = resolve_max_tokens(body.max_tokens, "max_tokens", len(prompt.token_ids),
@@ -98,12 +105,10 @@ async def create_completion(body: CompletionRequest, request: Request):  # noqa:
                 prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None
                 else None)
             jobs.append(ChoiceJob(i * n + j, prompt.token_ids, params))
-    state.check_queue(len(jobs))
-    generation = Generation(state, jobs)
+    generation = Generation(state, engine, jobs, http_request_id=http_request_id(request))
     ctx = _Context(engine, body, prompts, n, new_id("cmpl"), now())
     if body.stream:
-        return StreamingResponse(_stream(ctx, generation), media_type=sse.MEDIA_TYPE,
-                                 headers=sse.HEADERS)
+        return sse.EventStreamResponse(_stream(ctx, generation), generation.release)
     results = await run_until_disconnect(request.is_disconnected, generation)
     return JSONResponse(_response(ctx, results).model_dump(exclude_none=False))
 
@@ -124,17 +129,19 @@ class _Context:
     def logprob_builder(self, index: int) -> CompletionLogprobBuilder | None:
         if self.body.logprobs is None:
             return None
-        start = 0 if self.body.echo else len(self.prompt_of(index).text)
-        return CompletionLogprobBuilder(self.engine.tokenizer, start)
+        return CompletionLogprobBuilder(self.engine.tokenizer, len(self.prompt_of(index).text),
+                                        self.body.skip_special_tokens is not False)
 
-    def echo_part(self, index: int, first: GenerationDelta,
-                  builder: CompletionLogprobBuilder | None) -> tuple[str, list]:
-        """The echoed prompt text and its logprob entries (for the first delta)."""
+    def echo_part(self, index: int, first: GenerationDelta
+                  ) -> tuple[str, CompletionLogprobs | None]:
+        """The echoed prompt text and, with logprobs, its logprobs (from the first delta)."""
         if not self.body.echo:
-            return "", []
+            return "", None
         prompt = self.prompt_of(index)
-        entries = prompt_entries(self.engine.tokenizer, prompt.token_ids, first.prompt_logprobs)
-        return prompt.text, entries
+        if self.body.logprobs is None:
+            return prompt.text, None
+        return prompt.text, echo_logprobs(self.engine.tokenizer, prompt.token_ids,
+                                          first.prompt_logprobs, prompt.text)
 
 
 def _usage(ctx: _Context, finals: list[GenerationDelta]) -> Usage:
@@ -155,12 +162,12 @@ def _response(ctx: _Context, results: dict[int, list[GenerationDelta]]) -> Compl
             raise err
         finals.append(final)
         builder = ctx.logprob_builder(index)
-        echo_text, echo_entries = ctx.echo_part(index, deltas[0], builder)
+        echo_text, echo_lp = ctx.echo_part(index, deltas[0])
         text = echo_text + "".join(d.text for d in deltas)
         logprobs = None
         if builder is not None:
-            entries = echo_entries + [e for d in deltas for e in (d.logprobs or ())]
-            logprobs = builder.build(entries)
+            logprobs = concat([echo_lp, builder.build(
+                [e for d in deltas for e in (d.logprobs or ())])])
         choices.append(CompletionChoice(index=index, text=text, logprobs=logprobs,
                                         finish_reason=openai_finish_reason(final)))
     return CompletionResponse(id=ctx.id, created=ctx.created, model=ctx.body.model,
@@ -184,16 +191,17 @@ async def _stream(ctx: _Context, generation: Generation) -> AsyncIterator[str]:
             if err is not None:
                 raise err
             builder = builders[index]
-            text, entries = delta.text, list(delta.logprobs or ())
+            text, echo_lp = delta.text, None
             if index not in started:
                 started.add(index)
-                echo_text, echo_entries = ctx.echo_part(index, delta, builder)
-                text, entries = echo_text + text, echo_entries + entries
-            if not text and not delta.finished and not entries:
+                echo_text, echo_lp = ctx.echo_part(index, delta)
+                text = echo_text + text
+            logprobs = None if builder is None else concat(
+                [echo_lp, builder.build(delta.logprobs or ())])
+            if not text and not delta.finished and not (logprobs and logprobs.tokens):
                 continue
             choice = {"index": index, "text": text,
-                      "logprobs": None if builder is None
-                      else builder.build(entries).model_dump(),
+                      "logprobs": None if logprobs is None else logprobs.model_dump(),
                       "finish_reason": openai_finish_reason(delta)}
             yield sse.event(_chunk(ctx, [choice]))
             if delta.finished:
