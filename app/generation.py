@@ -14,7 +14,7 @@ from app.errors import OpenAIError
 from app.state import ServerState
 from engine.client import EngineClient
 from engine.outputs import FinishReason, GenerationDelta
-from engine.params import SamplingParams
+from engine.params import SEED_MIN, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -207,5 +207,8 @@ async def run_until_disconnect(is_disconnected: Callable[[], Awaitable[bool]],
 
 
 def seeds_for(seed: int | None, count: int) -> Sequence[int | None]:
-    """Choice i of a seeded request uses seed + i: reproducible, yet the n choices differ."""
-    return [None if seed is None else seed + i for i in range(count)]
+    """Choice i of a seeded request uses seed + i (wrapping within int64, so the largest seed
+    still works with n > 1): reproducible, yet the n choices differ."""
+    if seed is None:
+        return [None] * count
+    return [(seed + i - SEED_MIN) % 2**64 + SEED_MIN for i in range(count)]

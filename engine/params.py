@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
+# torch.Generator.manual_seed takes a signed or unsigned 64-bit value; keep seeds (and the
+# seed + i of n > 1 choices) well inside that.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
 class SamplingParamsError(ValueError):
@@ -72,6 +75,9 @@ class SamplingParams:
                    "logit_bias keys must be token ids")
             _check(_finite(bias) and -100.0 <= bias <= 100.0, "logit_bias",
                    "logit_bias values must be between -100 and 100")
+        _check(self.seed is None or (isinstance(self.seed, int)
+                                     and SEED_MIN <= self.seed <= SEED_MAX), "seed",
+               f"seed must be an integer between {SEED_MIN} and {SEED_MAX}")
         for name, k in (("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs)):
             _check(k is None or 0 <= k <= MAX_TOP_LOGPROBS, name,
                    f"{name} must be between 0 and {MAX_TOP_LOGPROBS}")

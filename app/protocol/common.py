@@ -8,6 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.params import SEED_MAX, SEED_MIN
+
 
 class RequestModel(BaseModel):
     """Strict like OpenAI: "temperature": "0.5" is a type error, NaN and Infinity are refused,
@@ -30,7 +32,8 @@ class SamplingFields(RequestModel):
     logit_bias: dict[str, float] | None = None
     max_tokens: int | None = None
     n: int | None = 1
-    seed: int | None = None
+    # int64, as OpenAI's schema says.
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None

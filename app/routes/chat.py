@@ -30,12 +30,14 @@ from app.protocol.chat import (
 from app.protocol.common import Usage, new_id, now
 from app.routes.common import (
     check_model,
+    encode_text,
     http_request_id,
     refuse,
+    render_chat,
     server_state,
     system_fingerprint,
 )
-from app.templates import ChatMessage, TemplateError
+from app.templates import ChatMessage
 from engine.client import EngineClient
 from engine.outputs import GenerationDelta
 
@@ -129,14 +131,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                         else (body.max_tokens, "max_tokens"))
     max_len = engine.model_info.max_model_len
     check_limits(body, state.settings, engine.tokenizer.vocab_size, max_len, requested, param)
-    messages = parse_messages(body.messages)
-    assert state.template is not None
-    try:
-        rendered = state.template.render(messages)
-    except TemplateError as exc:
-        raise bad_request(str(exc), "messages") from exc
-    prompt_ids = engine.tokenizer.encode(rendered.text,
-                                         add_special_tokens=rendered.add_special_tokens)
+    rendered = render_chat(state, body.messages)
+    prompt_ids = encode_text(engine, rendered.text, "messages", rendered.add_special_tokens)
     n = 1 if body.n is None else body.n
     max_tokens = resolve_max_tokens(requested, param, len(prompt_ids), max_len, state.settings,
                                     prompt_param="messages")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import Request
 
 from app.errors import OpenAIError, bad_request
 from app.state import ServerState
+from app.templates import RenderedPrompt, TemplateError
 from engine.client import EngineClient
 
 
@@ -45,3 +48,26 @@ def system_fingerprint(engine: EngineClient) -> str:
     info = engine.model_info
     group = info.group_size if info.group_size is not None else -1
     return f"gptq-{info.bits}b-g{group}-{info.linear_backend}"
+
+
+def encode_text(engine: EngineClient, text: str, param: str,
+                add_special_tokens: bool = True) -> list[int]:
+    """Tokenise request text. JSON can carry lone UTF-16 surrogates ("\\ud800"), which are no
+    text at all: refuse them as bad input rather than let the tokenizer fail."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad_request(f"'{param}' is not valid Unicode text (a lone surrogate at "
+                          f"character {exc.start})", param) from exc
+    return engine.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+
+def render_chat(state: ServerState, raw_messages: list[Any]) -> RenderedPrompt:
+    """Messages -> the template's prompt; a conversation the template refuses is a 400."""
+    from app.routes.chat import parse_messages
+
+    assert state.template is not None
+    try:
+        return state.template.render(parse_messages(raw_messages))
+    except TemplateError as exc:
+        raise bad_request(str(exc), "messages") from exc

@@ -29,6 +29,7 @@ from app.protocol.completions import (
 from app.routes.common import (
     check_model,
     check_token_ids,
+    encode_text,
     http_request_id,
     refuse,
     server_state,
@@ -69,7 +70,7 @@ def parse_prompts(engine: EngineClient, prompt: object, max_prompts: int) -> lis
         if isinstance(item, str):
             if not item:
                 raise bad_request("'prompt' must not be an empty string", "prompt")
-            out.append(PromptInput(tok.encode(item), item))
+            out.append(PromptInput(encode_text(engine, item, "prompt"), item))
         else:
             ids = list(item)  # type: ignore[call-overload]
             if not ids:

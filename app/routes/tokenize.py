@@ -6,8 +6,13 @@ from fastapi import APIRouter, Request
 
 from app.errors import bad_request
 from app.protocol.common import DetokenizeRequest, TokenizeRequest
-from app.routes.chat import parse_messages
-from app.routes.common import check_model, check_token_ids, server_state
+from app.routes.common import (
+    check_model,
+    check_token_ids,
+    encode_text,
+    render_chat,
+    server_state,
+)
 
 router = APIRouter()
 
@@ -21,13 +26,10 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("give exactly one of 'prompt' or 'messages'", "prompt")
     if body.messages is not None:
-        assert state.template is not None
-        rendered = state.template.render(parse_messages(body.messages))
-        tokens = engine.tokenizer.encode(rendered.text,
-                                         add_special_tokens=rendered.add_special_tokens)
+        rendered = render_chat(state, body.messages)
+        tokens = encode_text(engine, rendered.text, "messages", rendered.add_special_tokens)
     else:
-        tokens = engine.tokenizer.encode(body.prompt or "",
-                                         add_special_tokens=body.add_special_tokens)
+        tokens = encode_text(engine, body.prompt or "", "prompt", body.add_special_tokens)
     return {"tokens": tokens, "count": len(tokens),
             "max_model_len": engine.model_info.max_model_len}
 
