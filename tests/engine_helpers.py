@@ -39,14 +39,20 @@ def output_tokens(deltas: list[GenerationDelta]) -> list[int]:
 def paged_logits(engine: LLMEngine, prompt: list[int], chunk: int | None = None) -> torch.Tensor:
     """Last-position logits [V] for ``prompt``, computed through the engine's model, block
     tables and KV cache, optionally in prefill chunks of ``chunk`` tokens. Frees its blocks."""
-    seq = Sequence(next(_ids), "logits-probe", list(prompt), SamplingParams(max_tokens=1))
-    blocks = engine.scheduler.block_manager
-    runner = engine.runner
     step = chunk or len(prompt)
+    return logits_after(engine, prompt, [min(step, len(prompt) - i)
+                                         for i in range(0, len(prompt), step)])
+
+
+def logits_after(engine: LLMEngine, prompt: list[int], steps: list[int]) -> torch.Tensor:
+    """Last-position logits [V] float32 (on the CPU) after feeding ``prompt`` in chunks of
+    ``steps`` tokens through the engine's block tables and KV cache. Frees its blocks."""
+    assert sum(steps) == len(prompt)
+    seq = Sequence(next(_ids), "logits-probe", list(prompt), SamplingParams(max_tokens=1))
+    blocks, runner = engine.scheduler.block_manager, engine.runner
     logits = None
     try:
-        while seq.num_computed_tokens < len(prompt):
-            n = min(step, len(prompt) - seq.num_computed_tokens)
+        for n in steps:
             blocks.allocate(seq, seq.num_computed_tokens + n)
             out = SchedulerOutput((ScheduledSeq(seq, n),), ())
             inputs = build_step_inputs(out, blocks.block_size, runner.model.device)
@@ -57,4 +63,4 @@ def paged_logits(engine: LLMEngine, prompt: list[int], chunk: int | None = None)
     finally:
         blocks.free(seq)
     assert logits is not None
-    return logits[:engine.tokenizer.vocab_size]
+    return logits[:engine.tokenizer.vocab_size].float().cpu()

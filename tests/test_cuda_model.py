@@ -9,7 +9,6 @@ decode kernel).
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 import torch
 
 from engine.config import EngineConfig
+from tests.engine_helpers import logits_after
 
 pytestmark = [
     pytest.mark.cuda,
@@ -25,7 +25,6 @@ pytestmark = [
 
 # (bits, group size, act-order): the 4-bit branches, and 8-bit (expanded at load).
 LAYOUTS = [(4, 128, False), (4, 32, True), (4, 64, True), (8, 128, True)]
-_ids = itertools.count(20_000_000)
 
 
 @pytest.fixture(scope="module", params=LAYOUTS, ids=lambda p: f"{p[0]}bit-g{p[1]}-ao{p[2]}")
@@ -46,33 +45,6 @@ def _engine(path: Path, **overrides: object):
                                      max_num_batched_tokens=256, max_model_len=512)
     values.update(overrides)
     return LLMEngine.from_config(EngineConfig(**values))  # type: ignore[arg-type]
-
-
-def logits_after(engine, prompt: list[int], steps: list[int]) -> torch.Tensor:
-    """Last-position logits [V] float32 after feeding ``prompt`` in chunks of ``steps`` tokens
-    through the engine's block tables and KV cache. Frees its blocks."""
-    from engine.core.batch import build_step_inputs
-    from engine.core.scheduler import ScheduledSeq, SchedulerOutput
-    from engine.core.sequence import Sequence
-    from engine.params import SamplingParams
-
-    assert sum(steps) == len(prompt)
-    seq = Sequence(next(_ids), "probe", list(prompt), SamplingParams(max_tokens=1))
-    blocks, runner = engine.scheduler.block_manager, engine.runner
-    logits = None
-    try:
-        for n in steps:
-            blocks.allocate(seq, seq.num_computed_tokens + n)
-            out = SchedulerOutput((ScheduledSeq(seq, n),), ())
-            inputs = build_step_inputs(out, blocks.block_size, runner.model.device)
-            hidden = runner.model.forward(inputs.input_ids, inputs.positions, runner.kv_caches,
-                                          inputs.meta)
-            logits = runner.model.compute_logits(hidden[-1:])[0]
-            seq.num_computed_tokens += n
-    finally:
-        blocks.free(seq)
-    assert logits is not None
-    return logits[:engine.tokenizer.vocab_size].float().cpu()
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
