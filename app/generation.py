@@ -79,7 +79,8 @@ class Generation:
     async def stream(self, keepalive: float | None = None
                      ) -> AsyncIterator[tuple[int, GenerationDelta] | None]:
         """Yield (choice index, delta) as they come, or KEEPALIVE after ``keepalive`` seconds of
-        silence. Closing this iterator (client gone) aborts every engine request."""
+        silence. Closing this iterator (client gone) aborts every engine request. A choice
+        that ends by abort or engine fault raises its OpenAIError here, for every caller."""
         queue: asyncio.Queue[tuple[int, GenerationDelta | BaseException | None]] = \
             asyncio.Queue()
         arrival = time.monotonic()
@@ -118,6 +119,9 @@ class Generation:
                 self._observe(traces[index], item)
                 if item.finished:
                     unfinished.discard(index)
+                err = delta_error(item)
+                if err is not None:  # an abort or engine fault ends the whole response
+                    raise err
                 yield index, item
         finally:
             # No await in here: a client that hangs up cancels this generator inside an anyio

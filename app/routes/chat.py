@@ -13,7 +13,6 @@ from app.errors import OpenAIError, bad_request
 from app.generation import (
     ChoiceJob,
     Generation,
-    delta_error,
     openai_finish_reason,
     run_until_disconnect,
     seeds_for,
@@ -185,9 +184,6 @@ def _response(ctx: _Context, results: dict[int, list[GenerationDelta]]
     for index in sorted(results):
         deltas = results[index]
         final = deltas[-1]
-        err = delta_error(final)
-        if err is not None:
-            raise err
         finals.append(final)
         logprobs = None
         if ctx.body.logprobs:
@@ -218,9 +214,6 @@ async def _stream(ctx: _Context, generation: Generation) -> AsyncIterator[str]:
                 yield sse.KEEPALIVE_COMMENT
                 continue
             index, delta = item
-            err = delta_error(delta)
-            if err is not None:
-                raise err
             if delta.text or delta.logprobs:
                 yield sse.event(ctx.chunk([{"index": index, "delta": {"content": delta.text},
                                             "logprobs": ctx.logprobs(delta),

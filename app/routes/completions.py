@@ -12,7 +12,6 @@ from app.errors import OpenAIError, bad_request
 from app.generation import (
     ChoiceJob,
     Generation,
-    delta_error,
     openai_finish_reason,
     run_until_disconnect,
     seeds_for,
@@ -158,9 +157,6 @@ def _response(ctx: _Context, results: dict[int, list[GenerationDelta]]) -> Compl
     for index in sorted(results):
         deltas = results[index]
         final = deltas[-1]
-        err = delta_error(final)
-        if err is not None:
-            raise err
         finals.append(final)
         builder = ctx.logprob_builder(index)
         echo_text, echo_lp = ctx.echo_part(index, deltas[0])
@@ -188,9 +184,6 @@ async def _stream(ctx: _Context, generation: Generation) -> AsyncIterator[str]:
                 yield sse.KEEPALIVE_COMMENT
                 continue
             index, delta = item
-            err = delta_error(delta)
-            if err is not None:
-                raise err
             builder = builders[index]
             text, echo_lp = delta.text, None
             if index not in started:
