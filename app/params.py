@@ -28,6 +28,9 @@ def check_limits(req: SamplingFields, settings: Settings, vocab_size: int,
     resolve_max_tokens'."""
     if max_tokens is not None:
         _check_max_tokens(max_tokens, max_tokens_param, max_model_len, settings)
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("'stream_options' is only allowed when 'stream' is true",
+                          "stream_options")
     n = 1 if req.n is None else req.n
     if n < 1 or n > settings.max_n:
         raise bad_request(f"'n' must be between 1 and {settings.max_n}", "n")

@@ -113,6 +113,8 @@ CASES = [
     Case("unknown field", C, comp(frobnicate=1), param="frobnicate"),
     Case("stream_options of the wrong type", C, comp(stream=True, stream_options={
         "include_usage": "yes"}), param="stream_options.include_usage"),
+    Case("stream_options without stream", C, comp(stream_options={"include_usage": True}),
+         param="stream_options"),
     Case("missing messages", CHAT, {"model": MODEL}, param="messages"),
     Case("empty messages", CHAT, chat(messages=[]), param="messages"),
     Case("message not an object", CHAT, chat(messages=["hi"]), param="messages[0]"),
