@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from engine.checkpoint.synth_tokenizer import train_tokenizer
 from engine.config import EngineConfig
+from engine.tokenizer.tokenizer import Tokenizer
 from tests.checkpoints import make_checkpoint
 
 # The eight quantisation layouts of TheBloke/Llama-2-13B-GPTQ's branches: (bits, group, act-order)
@@ -40,3 +42,17 @@ def cpu_engine_config(path: Path, **overrides: object) -> EngineConfig:
                                      max_model_len=1024)
     values.update(overrides)
     return EngineConfig(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A trained synthetic Llama-style tokenizer, once per session."""
+    path = tmp_path_factory.getbasetemp() / "synth-tokenizer"
+    if not (path / "tokenizer.json").exists():
+        train_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tok(tokenizer_dir: Path) -> Tokenizer:
+    return Tokenizer.from_pretrained(str(tokenizer_dir))

@@ -4,30 +4,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from pathlib import Path
 
 import pytest
 
-from engine.checkpoint.synth_tokenizer import train_tokenizer
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 UNICODE_POOL = (["the", "quick", "brown", "fox", "café", "naïve", "Zürich", " ", "  ", "\n",
                  "\n\n", "\t", ".", ",", "42", "7"]
                 + list("日本語中文字符東京😀🚀👍🏽∑∫√ᚠᚢᚦ€—…ßøåéèñ"))
-
-
-@pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # Shared by path with the tokenizer tests: train once per test session.
-    path = tmp_path_factory.getbasetemp() / "synth-tokenizer"
-    if not (path / "tokenizer.json").exists():
-        train_tokenizer(path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def tok(tokenizer_dir: Path) -> Tokenizer:
-    return Tokenizer.from_pretrained(str(tokenizer_dir))
 
 
 def byte_ids(tok: Tokenizer, data: bytes) -> list[int]:

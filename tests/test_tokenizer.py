@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from engine.checkpoint.synth_tokenizer import train_tokenizer
 from engine.tokenizer import Tokenizer
 
 TEXTS = [
@@ -22,20 +21,6 @@ TEXTS = [
     "line one\nline two\n\n\tindented\r\nend",
     "def f(x):\n    return x + 42",
 ]
-
-
-@pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # Shared by path with the detokenizer tests: train once per test session.
-    path = tmp_path_factory.getbasetemp() / "synth-tokenizer"
-    if not (path / "tokenizer.json").exists():
-        train_tokenizer(path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def tok(tokenizer_dir: Path) -> Tokenizer:
-    return Tokenizer.from_pretrained(str(tokenizer_dir))
 
 
 def byte_id(tok: Tokenizer, value: int) -> int:
