@@ -4,7 +4,6 @@ ids that agree with sentencepiece."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -12,21 +11,10 @@ import sentencepiece as spm
 from tokenizers import Tokenizer as FastTokenizer
 from transformers import AutoTokenizer
 
-from engine.checkpoint.synth_tokenizer import train_tokenizer
-
 TEXTS = ["Hello world",
          "The quick brown fox jumps over the lazy dog, and then it said: café 123!",
          "naïve résumé\nnew line\n\n  indented", "日本語 😀 and 🚀", "12345 67", "Ωmega ∑ \t tab",
          "a  b   c", "  two leading spaces", "ünïcödé never seen in training: Ǆ ꙮ 𝔘"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tokenizer")
-    start = time.perf_counter()
-    train_tokenizer(out)
-    assert time.perf_counter() - start < 10
-    return out
 
 
 def test_llama_special_ids_and_byte_pieces(tokenizer_dir: Path) -> None:

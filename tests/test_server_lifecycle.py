@@ -8,7 +8,6 @@ import asyncio
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,11 +122,10 @@ def gptq_serve(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[s
     return subprocess.run([command, *argv], capture_output=True, text=True, timeout=timeout)
 
 
-def test_serve_help_is_fast_and_lists_every_setting() -> None:
-    start = time.monotonic()
+def test_serve_help_lists_every_setting() -> None:
+    # That it stays fast (no torch import) is test_the_app_never_imports_torch's concern.
     out = gptq_serve("serve", "--help")
     assert out.returncode == 0
-    assert time.monotonic() - start < 5, "serve --help must not load torch"
     for name in Settings.model_fields:
         assert flag_name(name) in out.stdout
 
