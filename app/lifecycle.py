@@ -88,8 +88,10 @@ async def warm_up(engine: EngineClient, chunk_tokens: int) -> None:
     tok = engine.tokenizer
     params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
     long_len = min(chunk_tokens + 16, max_len - params.max_tokens - 1)
-    filler = tok.encode("Hello world. " * (long_len // 2 + 1))[:long_len]
-    for i, prompt in enumerate((tok.encode("Hello"), filler)):
+    short = tok.encode("Hello world.")
+    # Repeat the short prompt's ids rather than tokenising a long text only to cut it.
+    filler = (short * (long_len // len(short) + 1))[:long_len]
+    for i, prompt in enumerate((short, filler)):
         async for _ in engine.generate(prompt, params, f"warmup-{i}"):
             pass
 
