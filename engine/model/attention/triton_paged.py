@@ -4,7 +4,9 @@ Cache layout (engine/model/attention/base.py): [num_blocks, block_size, Hkv, D];
 sequence lives in block ``block_table[t // block_size]`` at offset ``t % block_size``.
 
 Two kernels:
-- ``paged_decode``: one query row per sequence (a decode step). Each sequence's context is split
+- ``paged_decode``: one query row per sequence (a decode step), on tensor cores: a program
+  takes one (sequence, KV head, run) and its query heads as the rows of the products (padded to
+  16), so Triton pipelines the K/V tiles that feed them. Each sequence's context is split
   evenly into ``num_parts`` runs ("flash-decoding") so that a few long sequences still fill the
   GPU; a second small kernel merges the runs' partial softmaxes. Every size the kernels read comes
   from device tensors, so a launch needs no host synchronisation and can be captured in a CUDA
@@ -27,31 +29,41 @@ PREFILL_BLOCK_M = 16
 PREFILL_BLOCK_N = 64
 # Upper bound on the decode split; partial results cost NUM_PARTS * D floats per (seq, head).
 MAX_DECODE_PARTS = 16
+# Software-pipelining depth of the decode loop: two stages read K/V at 4.1-4.3 TB/s on an H200
+# from 32 sequences up (three and four were slower; docs/benchmarks.md).
+DECODE_STAGES = 2
 
 
 @triton.jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr,
-                   part_acc_ptr, part_max_ptr, part_sum_ptr, scale,
-                   stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_bt,
-                   stride_c_blk, stride_c_tok, stride_c_head,
-                   GROUP: tl.constexpr, CACHE_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_N: tl.constexpr, NUM_PARTS: tl.constexpr):
+                       part_acc_ptr, part_max_ptr, part_sum_ptr, scale,
+                       stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_bt,
+                       stride_c_blk, stride_c_tok, stride_c_head,
+                       GROUP: tl.constexpr, Q_ROWS: tl.constexpr, CACHE_BLOCK: tl.constexpr,
+                       HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, NUM_PARTS: tl.constexpr):
+    """The decode step on tensor cores: one program per (sequence, KV head, run); its GROUP
+    query heads are the rows of the products, padded to Q_ROWS (>= 16, the narrowest product
+    the tensor cores take). The products cost nothing next to the K/V reads, and K/V tiles that
+    feed a product are software-pipelined by Triton (num_stages), which keeps several tiles in
+    flight per program."""
     seq = tl.program_id(0)
-    head = tl.program_id(1)
+    kv_head = tl.program_id(1)
     part = tl.program_id(2)
-    num_heads = tl.num_programs(1)
-    kv_head = head // GROUP
+    num_heads = tl.num_programs(1) * GROUP
     seq_len = tl.load(seq_lens_ptr + seq)
-    # The context splits into NUM_PARTS runs of whole BLOCK_N tiles; trailing runs may be empty.
     part_len = tl.cdiv(tl.cdiv(seq_len, NUM_PARTS), BLOCK_N) * BLOCK_N
     start = part * part_len
     end = tl.minimum(start + part_len, seq_len)
 
     d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + seq * stride_q_t + head * stride_q_h + d).to(tl.float32) * scale  # [D]
-    m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), axis=0)
-    l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), axis=0)
-    acc = tl.zeros([HEAD_DIM], tl.float32)
+    r = tl.arange(0, Q_ROWS)
+    r_ok = r < GROUP
+    head = kv_head * GROUP + r  # [QR]
+    q = tl.load(q_ptr + seq * stride_q_t + head[:, None] * stride_q_h + d[None, :],
+                mask=r_ok[:, None], other=0.0)  # [QR, D]
+    m_i = tl.full([Q_ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([Q_ROWS], tl.float32)
+    acc = tl.zeros([Q_ROWS, HEAD_DIM], tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     for t0 in range(start, end, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
@@ -59,26 +71,27 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
         block = tl.load(table + t // CACHE_BLOCK, mask=valid, other=0).to(tl.int64)
         row = block * stride_c_blk + (t % CACHE_BLOCK) * stride_c_tok + kv_head * stride_c_head
         k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)  # [BLOCK_N]
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new)
         v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
+        s = tl.dot(q, tl.trans(k)) * scale  # [QR, BN] fp32
+        s = tl.where(valid[None, :], s, float("-inf"))
+        # t0 < end: every tile has a valid key, so m_new is finite from the first tile on.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
 
     if NUM_PARTS == 1:
-        out = acc / tl.where(l_i > 0, l_i, 1.0)
-        tl.store(out_ptr + seq * stride_o_t + head * stride_o_h + d,
-                 out.to(out_ptr.dtype.element_ty))
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + seq * stride_o_t + head[:, None] * stride_o_h + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=r_ok[:, None])
     else:
-        # Empty runs store m=-inf, l=0, acc=0 so the merge can weigh every run without a branch.
-        slot = (seq * num_heads + head) * NUM_PARTS + part
-        tl.store(part_acc_ptr + slot.to(tl.int64) * HEAD_DIM + d, acc)
-        tl.store(part_max_ptr + slot, m_i)
-        tl.store(part_sum_ptr + slot, l_i)
+        slot = (seq * num_heads + head) * NUM_PARTS + part  # [QR]
+        tl.store(part_acc_ptr + slot.to(tl.int64)[:, None] * HEAD_DIM + d[None, :], acc,
+                 mask=r_ok[:, None])
+        tl.store(part_max_ptr + slot, m_i, mask=r_ok)
+        tl.store(part_sum_ptr + slot, l_i, mask=r_ok)
 
 
 @triton.jit
@@ -187,13 +200,14 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         part_sum = torch.empty((slots,), dtype=torch.float32, device=q.device)
     else:
         part_acc = part_max = part_sum = out  # unused by the kernel when NUM_PARTS == 1
-    grid = (num_seqs, num_heads, num_parts)
-    _decode_kernel[grid](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part_acc, part_max, part_sum, scale,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        GROUP=num_heads // num_kv_heads, CACHE_BLOCK=cache_block, HEAD_DIM=head_dim,
-        BLOCK_N=DECODE_BLOCK_N, NUM_PARTS=num_parts, num_warps=4)
+    group = num_heads // num_kv_heads
+    _decode_kernel[(num_seqs, num_kv_heads, num_parts)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_acc, part_max, part_sum,
+        scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        GROUP=group, Q_ROWS=max(16, triton.next_power_of_2(group)), CACHE_BLOCK=cache_block,
+        HEAD_DIM=head_dim, BLOCK_N=DECODE_BLOCK_N, NUM_PARTS=num_parts, num_warps=4,
+        num_stages=DECODE_STAGES)
     if num_parts > 1:
         _decode_merge_kernel[(num_seqs, num_heads)](
             part_acc, part_max, part_sum, out, out.stride(0), out.stride(1),
