@@ -5,6 +5,9 @@ BIN    := $(VENV)/bin
 # The CPU build of torch where no NVIDIA GPU is present (a plain `torch` requirement would
 # pull a multi-GB CUDA build); on a GPU machine pip resolves the normal CUDA wheel.
 TORCH_CPU_VERSION ?= 2.13.0
+# Triton runs its kernels' CPU tests in its interpreter (tests/test_triton_interpreter.py); the
+# interpreter of this version needs numpy < 2.3.
+TRITON_CPU_VERSION ?= 3.6.0
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 MODEL  ?= TheBloke/Llama-2-13B-GPTQ
 REVISION ?= main
@@ -20,7 +23,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 ifeq ($(HAS_GPU),1)
 	$(BIN)/pip install -q -e '.[dev,cuda]'
 else
-	$(BIN)/pip install -q torch==$(TORCH_CPU_VERSION)
+	$(BIN)/pip install -q torch==$(TORCH_CPU_VERSION) triton==$(TRITON_CPU_VERSION) 'numpy<2.3'
 	$(BIN)/pip install -q -e '.[dev]'
 endif
 	touch $@

@@ -41,8 +41,14 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto", description="Activation dtype (auto: float16 on CUDA, float32 on the CPU).")
-    linear_backend: Literal["auto", "torch", "exllama"] = Field(
-        "auto", description="Quantised matmul backend (auto: exllama on CUDA, torch on CPU).")
+    linear_backend: Literal["auto", "torch", "triton", "exllama"] = Field(
+        "auto", description="Quantised matmul backend (auto: triton on CUDA, torch on CPU). "
+        "triton: Triton GPTQ kernels for 4 and 8 bits, with exllamav2's 4-bit kernel where it "
+        "measures faster; exllama: exllamav2's kernel only (4-bit).")
+    dense_weights: bool = Field(False, description="Also keep a dense fp16 copy of every "
+                                "quantised layer for large steps (faster prefill; 4x the "
+                                "memory of 4-bit weights, 2x of 8-bit, taken from the KV "
+                                "cache).")
     attention_backend: Literal["auto", "torch", "triton"] = Field(
         "auto", description="Attention backend (auto: triton on CUDA, torch on CPU).")
     max_model_len: int | None = Field(None, ge=16, description="Longest prompt + completion "
@@ -131,7 +137,8 @@ class Settings(BaseSettings):
             block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
             gpu_memory_utilization=self.gpu_memory_utilization,
             kv_cache_memory_gb=self.kv_cache_memory_gb, device=self.device,
-            linear_backend=self.linear_backend, attention_backend=self.attention_backend,
+            linear_backend=self.linear_backend, dense_weights=self.dense_weights,
+            attention_backend=self.attention_backend,
             dtype=self.dtype, cuda_graphs=self.cuda_graphs, seed=self.seed)
 
 

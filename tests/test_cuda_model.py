@@ -1,6 +1,6 @@
-"""Whole-model logits on the GPU: our CUDA engine (exllama / fp16-expanded linears, Triton and
-SDPA attention, fp16) against the torch reference backends (float32) and against exllamav2's own
-ExLlamaV2 model on the same synthetic checkpoint folder.
+"""Whole-model logits on the GPU: our CUDA engine (Triton GPTQ kernels with exllamav2's where
+faster, Triton and SDPA attention, fp16) against the torch reference backends (float32) and
+against exllamav2's own ExLlamaV2 model on the same synthetic checkpoint folder.
 
 Logits are read through the engine's paged path three ways: one prefill, prefill in chunks
 (the Triton kernel over cached context) and prefill then single-token decode steps (the Triton
@@ -23,7 +23,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
 ]
 
-# (bits, group size, act-order): the 4-bit branches, and 8-bit (expanded at load).
+# (bits, group size, act-order): the 4-bit branches, and 8-bit (the w8a16 kernels).
 LAYOUTS = [(4, 128, False), (4, 32, True), (4, 64, True), (8, 128, True)]
 
 
@@ -55,7 +55,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def test_cuda_engine_matches_torch_reference(checkpoint: Path) -> None:
     cuda = _engine(checkpoint)
     info = cuda.model_info
-    expected_linear = "exllama" if info.bits == 4 else "fp16-expanded"
+    expected_linear = "triton+exllama" if info.bits == 4 else "triton"
     assert (info.linear_backend, info.attention_backend) == (expected_linear, "triton")
     ref = _engine(checkpoint, linear_backend="torch", attention_backend="torch",
                   dtype="float32")

@@ -36,14 +36,25 @@ def make_linear_backend(config: EngineConfig, quant: QuantConfig, device: torch.
                         dtype: torch.dtype) -> LinearBackend:
     choice = config.linear_backend
     if choice == "auto":
-        choice = "exllama" if device.type == "cuda" else "torch"
+        choice = "triton" if device.type == "cuda" else "torch"
     if choice == "torch":
         return TorchLinearBackend(dtype, device)
     if device.type != "cuda":
-        raise ConfigError("linear_backend=exllama needs a CUDA device")
-    from engine.model.linear.exllama import make_cuda_linear_backend
+        raise ConfigError(f"linear_backend={choice} needs a CUDA device")
+    if choice == "exllama":
+        from engine.model.linear.exllama import make_cuda_linear_backend
 
-    return make_cuda_linear_backend(quant, dtype, device)
+        return make_cuda_linear_backend(quant, dtype, device, config.dense_weights)
+    if dtype != torch.float16:
+        # The GPTQ kernels compute in fp16 (the checkpoints' scales are fp16).
+        from engine.model.linear.fp16 import ExpandedLinearBackend
+
+        log.info("linear_backend=triton computes in float16; %s expands every layer at load",
+                 dtype)
+        return ExpandedLinearBackend(dtype, device)
+    from engine.model.linear.triton_backend import TritonLinearBackend
+
+    return TritonLinearBackend(device, dense_weights=config.dense_weights)
 
 
 def make_attention_backend(config: EngineConfig, device: torch.device) -> AttentionBackend:

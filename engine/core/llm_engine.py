@@ -13,6 +13,8 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from engine.checkpoint.loader import load_checkpoint
 from engine.config import EngineConfig
 from engine.core.block_manager import BlockManager
@@ -55,7 +57,7 @@ class EngineCounters:
 
 class LLMEngine:
     def __init__(self, model_info: ModelInfo, tokenizer: Tokenizer, scheduler: Scheduler,
-                 runner: ModelRunner) -> None:
+                 runner: ModelRunner, model_memory_bytes: int | None = None) -> None:
         self.model_info = model_info
         self.tokenizer = tokenizer
         self.scheduler = scheduler
@@ -63,6 +65,8 @@ class LLMEngine:
         self.max_model_len = model_info.max_model_len
         self.outputs = OutputProcessor(tokenizer, self.max_model_len)
         self.counters = EngineCounters()
+        # Device memory the weights (and the linear kernels' scratch) took, when on a GPU.
+        self.model_memory_bytes = model_memory_bytes
         self._states: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
 
@@ -77,9 +81,15 @@ class LLMEngine:
         tokenizer = Tokenizer.from_pretrained(ckpt.path)
         linear = make_linear_backend(config, ckpt.quant, device, dtype)
         attention = make_attention_backend(config, device)
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         model = LlamaModel(arch, ckpt.weights, linear, attention, dtype, device,
                            max_position=max(max_model_len, arch.max_position_embeddings))
         linear.post_init(config.max_num_batched_tokens)
+        model_bytes = (torch.cuda.memory_allocated(device) - before
+                       if device.type == "cuda" else None)
+        if model_bytes is not None:
+            log.info("model on the card: %.2f GiB (weights and linear-kernel buffers)",
+                     model_bytes / 2**30)
         blocks = num_kv_blocks(config, arch, device, dtype, max_model_len)
         # Only the Triton attention backend reads every size from device tensors (capturable).
         graphs = (DecodeGraphConfig(config.max_num_seqs, max_model_len)
@@ -97,7 +107,7 @@ class LLMEngine:
                          max_model_len=max_model_len, vocab_size=tokenizer.vocab_size,
                          device=str(device))
         log.info("engine ready: %s", info)
-        return cls(info, tokenizer, scheduler, runner)
+        return cls(info, tokenizer, scheduler, runner, model_bytes)
 
     @property
     def has_work(self) -> bool:

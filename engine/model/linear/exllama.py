@@ -7,10 +7,12 @@ token count while cuBLAS on a dense fp16 matrix barely moves. So each layer pick
     T < crossover:  out = gemm_half_q_half(x, q_matrix)            (4-bit kernel)
     T >= crossover: out = x @ W_dense, W_dense = reconstruct(q_matrix)  (cuBLAS)
 
-The crossover is measured on the card at start-up, per layer shape (``measure_crossover``). W_dense is
-kept per layer when the memory allows it (``dense="keep"``); otherwise every layer reconstructs
-into one shared scratch buffer right before its product, as exllamav2 itself does above its
-threshold (``dense="scratch"``).
+The crossover is measured on the card at start-up, per layer shape (``measure_crossover``). By
+default every layer reconstructs into one shared scratch buffer right before its product, as
+exllamav2 itself does above its threshold (``dense="scratch"``); ``dense="keep"`` keeps a dense
+fp16 copy per layer instead (4x the packed weights' memory), the opt-in ``dense_weights``
+setting. This backend is the ``exllama`` choice; the default on CUDA is ``triton_backend.py``,
+which shares its layers' buffers with the Triton kernels.
 
 Set-up has two phases (linear/base.py): ``make()`` builds each q-matrix (exllamav2 shuffles the
 packed weights in place and, for act-order, sorts their rows by group, so each layer owns its
@@ -32,9 +34,6 @@ from engine.model.linear.fp16 import ExpandedLinear, ExpandedLinearBackend
 
 log = logging.getLogger(__name__)
 
-# With dense="auto", dense copies are kept when they take at most this share of the free memory
-# (the rest goes to the KV cache); otherwise one scratch buffer is shared.
-_DENSE_MEMORY_FRACTION = 0.5
 # Token counts at which the two paths are timed; the crossover is one of these.
 _LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 _NEVER = 1 << 30
@@ -161,16 +160,16 @@ class ExllamaLinearBackend:
     """4-bit GPTQ on exllamav2's kernels; layers the kernel cannot take are expanded to fp16.
 
     ``crossover``: a fixed token count for every layer, or None to measure it per shape.
-    ``dense``: "keep" (a dense fp16 copy per layer), "scratch" (one shared buffer, reconstructed
-    per call) or "auto" (keep when the copies fit in half the free memory).
+    ``dense``: "scratch" (one shared buffer, reconstructed per call) or "keep" (a dense fp16
+    copy per layer).
     """
 
     name = "exllama"
 
     def __init__(self, device: torch.device, crossover: int | None = None,
-                 dense: str = "auto", ext: ExllamaExt | None = None) -> None:
-        if dense not in ("auto", "keep", "scratch"):
-            raise ValueError(f"dense must be auto, keep or scratch; got {dense!r}")
+                 dense: str = "scratch", ext: ExllamaExt | None = None) -> None:
+        if dense not in ("keep", "scratch"):
+            raise ValueError(f"dense must be keep or scratch; got {dense!r}")
         self.device = device
         self.fixed_crossover = crossover
         self.dense_policy = dense
@@ -199,8 +198,7 @@ class ExllamaLinearBackend:
         by_shape: dict[tuple[int, int], list[ExllamaLinear]] = {}
         for layer in self.layers:
             by_shape.setdefault((layer.in_features, layer.out_features), []).append(layer)
-        dense_bytes = sum(2 * shape[0] * shape[1] * len(ls) for shape, ls in by_shape.items())
-        self.keeps_dense = self._decide_keep(dense_bytes)
+        self.keeps_dense = self.dense_policy == "keep"
         for shape, layers in by_shape.items():
             if self.fixed_crossover is not None:
                 xo = Crossover(shape, self.fixed_crossover, ())
@@ -214,12 +212,6 @@ class ExllamaLinearBackend:
             log.info("exllama %dx%d: 4-bit kernel below %s tokens, dense %s above", shape[0],
                      shape[1], xo.tokens if xo.tokens <= max_num_tokens else "all",
                      "kept" if self.keeps_dense else "reconstructed per call")
-
-    def _decide_keep(self, dense_bytes: int) -> bool:
-        if self.dense_policy != "auto":
-            return self.dense_policy == "keep"
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return dense_bytes <= _DENSE_MEMORY_FRACTION * free
 
     def _allocate_dense(self, by_shape: dict[tuple[int, int], list[ExllamaLinear]],
                         max_num_tokens: int) -> None:
@@ -298,12 +290,12 @@ def _time_ms(fn: Callable[[int], object], reps: int = 16) -> float:
     return sorted(rounds)[1]
 
 
-def make_cuda_linear_backend(quant: QuantConfig, dtype: torch.dtype,
-                             device: torch.device) -> LinearBackend:
-    """The linear backend for a CUDA device: exllama for 4-bit fp16 models, else every layer
+def make_cuda_linear_backend(quant: QuantConfig, dtype: torch.dtype, device: torch.device,
+                             dense_weights: bool = False) -> LinearBackend:
+    """The ``exllama`` choice on a CUDA device: exllama for 4-bit fp16 models, else every layer
     expanded at load (8-bit GPTQ has no exllama kernel)."""
     if quant.bits == 4 and dtype == torch.float16:
-        return ExllamaLinearBackend(device)
+        return ExllamaLinearBackend(device, dense="keep" if dense_weights else "scratch")
     log.info("no exllama kernel for %d-bit weights in %s: expanding every layer to %s at load "
              "(linear backend fp16-expanded)", quant.bits, dtype, dtype)
     return ExpandedLinearBackend(dtype, device)

@@ -1,0 +1,225 @@
+"""The ``triton`` linear backend: GPTQ weights stay packed on the card, and each layer picks, per
+step size, the fastest of the kernels that read its one resident copy:
+
+- exllamav2's 4-bit kernel (``gemm_half_q_half``), where its extension is importable;
+- the Triton kernels of ``gptq_triton.py`` (4 and 8 bits: a one-token GEMV and a tensor-core
+  product), in the same layout exllamav2 rewrites its buffers into, so both read one copy;
+- dequantise into one shared scratch matrix, then cuBLAS (large prefill steps), or a kept dense
+  fp16 copy when ``dense_weights`` asks for it (memory: 4x a 4-bit layer, 2x an 8-bit one).
+
+Which path serves which step size is measured on the card in ``post_init`` per layer shape
+(``plan.measure_plan``), for the step sizes the engine will meet.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import torch
+
+from engine.checkpoint.types import GPTQLinearWeights
+from engine.model.linear import exllama
+from engine.model.linear.base import QuantLinear
+from engine.model.linear.fp16 import ExpandedLinear, ExpandedLinearBackend
+from engine.model.linear.gptq_triton import (
+    SplitKWorkspace,
+    TritonGPTQWeights,
+    dequantize_into,
+    gemm_columns,
+    gptq_matmul,
+    kernel_input,
+    pack_for_triton,
+    unsupported_reason,
+)
+from engine.model.linear.plan import (
+    MAX_SPLIT_TOKENS,
+    Path,
+    PathKind,
+    StepPlan,
+    default_config,
+    ladder,
+    max_split_elements,
+    measure_plan,
+    num_sms,
+    plan_signature,
+)
+
+log = logging.getLogger(__name__)
+
+
+class TritonLinear:
+    """One GPTQ layer; ``plan`` (set by the backend's post_init) picks its path per step."""
+
+    def __init__(self, weights: GPTQLinearWeights, device: torch.device,
+                 ext: exllama.ExllamaExt | None) -> None:
+        self.name = weights.name
+        self.in_features = weights.in_features
+        self.out_features = weights.out_features
+        self.q4: exllama.ExllamaLinear | None = None
+        if ext is not None and exllama.unsupported_reason(weights) is None:
+            # exllamav2 sorts and shuffles its own copy in place into the layout the Triton
+            # kernels read too; hand them those buffers instead of making a second copy.
+            self.q4 = exllama.ExllamaLinear(weights, device, ext)
+            perm = None if self.q4.q_perm is None else self.q4.q_perm.to(torch.int32)
+            self.w = TritonGPTQWeights(
+                qweight=self.q4.qweight, scales=self.q4.scales, qzeros=self.q4.qzeros,
+                perm=perm, bias=self.q4.bias, bits=weights.bits,
+                group_size=weights.group_size or weights.in_features,
+                in_features=weights.in_features, out_features=weights.out_features)
+        else:
+            self.w = pack_for_triton(weights, device)
+        self.perm_long = None if self.w.perm is None else self.w.perm.long()
+        self.gemm_cols = gemm_columns(self.w)  # int64 [in]
+        self.plan = StepPlan.single(Path(PathKind.TRITON))
+        self.workspace: SplitKWorkspace | None = None
+        self.dense: torch.Tensor | None = None  # [in, out] fp16: kept copy or scratch view
+        self.dense_owned = False
+
+    @property
+    def nbytes(self) -> int:
+        own = self.w.nbytes
+        if self.q4 is not None and self.q4.q_invperm is not None:
+            own += self.q4.q_perm.numel() * 2 + self.q4.q_invperm.numel() * 2
+        if self.dense_owned and self.dense is not None:
+            own += self.dense.numel() * 2
+        return own
+
+    def run(self, path: Path, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, in] fp16 -> [T, out] fp16 through one given path."""
+        if path.kind is PathKind.EXLLAMA:
+            assert self.q4 is not None
+            return self.q4.forward_q4(x)
+        if path.kind is PathKind.DENSE:
+            dense = self.dense
+            assert dense is not None
+            if not self.dense_owned:
+                dequantize_into(self.w, dense)
+            xin = x if self.perm_long is None else x.index_select(1, self.perm_long)
+            out = torch.mm(xin, dense)
+            return out if self.w.bias is None else out + self.w.bias
+        # The activations are gathered into the kernel's column order first (one small
+        # kernel): measured faster than gathering them inside the kernel at every step size.
+        config = path.config or default_config(x.shape[0])
+        xin = kernel_input(x, self.w, self.gemm_cols, config.block_m == 1)
+        # Before the plan is measured the default configuration needs no workspace.
+        return gptq_matmul(xin, self.w, config, self.workspace if path.config else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, in] fp16 -> [T, out] fp16. T is a host int: choosing needs no sync."""
+        return self.run(self.plan.pick(x.shape[0]), x)
+
+    def free(self) -> None:
+        if self.q4 is not None:
+            self.q4.free()
+
+
+class TritonLinearBackend:
+    """4- and 8-bit GPTQ on the Triton kernels, with exllamav2's kernel where it is faster.
+
+    ``dense_weights``: keep a dense fp16 copy of every layer for the large steps (faster
+    prefill, 4x a 4-bit layer's memory); otherwise large steps dequantise into one shared
+    scratch matrix.
+    """
+
+    def __init__(self, device: torch.device, dense_weights: bool = False,
+                 use_exllama: bool = True) -> None:
+        self.device = device
+        self.dense_weights = dense_weights
+        self.ext = _try_exllama() if use_exllama else None
+        self.layers: list[TritonLinear] = []
+        self._fallback = ExpandedLinearBackend(torch.float16, device)
+        self.plans: dict[tuple, StepPlan] = {}
+        self.workspace: SplitKWorkspace | None = None
+        self.scratch: torch.Tensor | None = None
+
+    @property
+    def name(self) -> str:
+        """ "triton+exllama" when any layer can take exllamav2's kernel (4-bit layers with the
+        extension present), else "triton"."""
+        return "triton+exllama" if any(layer.q4 is not None for layer in self.layers) \
+            else "triton"
+
+    def make(self, weights: GPTQLinearWeights) -> QuantLinear:
+        reason = unsupported_reason(weights)
+        if reason is not None:
+            log.warning("%s: the Triton kernels cannot take %s; expanding it to fp16",
+                        weights.name, reason)
+            layer: ExpandedLinear = self._fallback.make(weights)
+            return layer
+        t_layer = TritonLinear(weights, self.device, self.ext)
+        self.layers.append(t_layer)
+        return t_layer
+
+    def post_init(self, max_num_tokens: int) -> None:
+        """Measure each layer shape's plan, then size the split-K workspace and the dense
+        storage the plans use."""
+        if not self.layers:
+            return
+        groups: dict[tuple, list[TritonLinear]] = defaultdict(list)
+        for layer in self.layers:
+            groups[plan_signature(layer)].append(layer)
+        # Measuring needs the workspace and scratch at their largest: allocate, measure, trim.
+        self.workspace = SplitKWorkspace(*_workspace_bounds(groups, max_num_tokens),
+                                         self.device)
+        self._allocate_dense(groups, keep=self.dense_weights)
+        for sig, layers in groups.items():
+            for layer in layers:
+                layer.workspace = self.workspace
+            plan = measure_plan(layers, max_num_tokens)
+            self.plans[sig] = plan
+            for layer in layers:
+                layer.plan = plan
+            log.info("linear %dx%d %d-bit%s: %s", layers[0].in_features,
+                     layers[0].out_features, layers[0].w.bits,
+                     " act-order" if layers[0].perm_long is not None else "", plan.describe())
+            log.debug("linear %dx%d measured: %s", layers[0].in_features,
+                      layers[0].out_features, plan.describe_timings())
+        if not any(p.uses(PathKind.DENSE) for p in self.plans.values()):
+            self._drop_dense()
+        total = sum(layer.nbytes for layer in self.layers)
+        log.info("linear weights on the card: %.2f GiB in %d layers (%s)", total / 2**30,
+                 len(self.layers), "dense copies kept" if self.dense_weights else "packed")
+
+    def _allocate_dense(self, groups: dict[tuple, list[TritonLinear]], keep: bool) -> None:
+        if keep:
+            for layers in groups.values():
+                for layer in layers:
+                    layer.dense = dequantize_into(layer.w, torch.empty(
+                        (layer.in_features, layer.out_features), dtype=torch.float16,
+                        device=self.device))
+                    layer.dense_owned = True
+            return
+        size = max(layer.in_features * layer.out_features for layer in self.layers)
+        self.scratch = torch.empty(size, dtype=torch.float16, device=self.device)
+        for layer in self.layers:
+            layer.dense = self.scratch[:layer.in_features * layer.out_features].view(
+                layer.in_features, layer.out_features)
+            layer.dense_owned = False
+
+    def _drop_dense(self) -> None:
+        for layer in self.layers:
+            layer.dense = None
+            layer.dense_owned = False
+        self.scratch = None
+
+
+def _workspace_bounds(groups: dict[tuple, list[TritonLinear]],
+                      max_num_tokens: int) -> tuple[int, int]:
+    """(fp32 partial elements, counters) the largest split launch of any candidate needs."""
+    sms = num_sms()
+    elements = tiles = 1
+    for layers in groups.values():
+        n = layers[0].out_features
+        for t in ladder(min(max_num_tokens, MAX_SPLIT_TOKENS)):
+            elements = max(elements, max_split_elements(t, n, sms))
+        tiles = max(tiles, -(-n // 64) * 4)  # the smallest tile is 64 outputs x 16 tokens
+    return elements, tiles
+
+
+def _try_exllama() -> exllama.ExllamaExt | None:
+    try:
+        return exllama.load_exllama_ext()
+    except Exception as e:  # the backend works without it: the Triton kernels cover 4 bits
+        log.info("exllamav2's kernel is not available (%s); Triton kernels only", e)
+        return None
