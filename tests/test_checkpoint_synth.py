@@ -163,3 +163,19 @@ def test_stream_writer_checks_order_and_completeness(tmp_path: Path) -> None:
     w.write("a", torch.ones(2, 3, dtype=torch.float16))
     with pytest.raises(ValueError, match="closed before b"):
         w.close()
+
+
+def test_13b_preset_has_llama_2s_vocabulary(tmp_path: Path) -> None:
+    """The 13b preset's tokenizer has Llama 2's 32000 entries, matching its embedding and
+    lm_head, so benchmarks sample over the real vocabulary."""
+    from engine.checkpoint.synth import TOKENIZER_VOCAB_SIZES, preset_arch
+    from engine.checkpoint.synth_tokenizer import train_tokenizer
+    from engine.tokenizer.tokenizer import Tokenizer
+
+    size = TOKENIZER_VOCAB_SIZES["13b"]
+    assert size == preset_arch("13b", size).vocab_size == 32000
+    train_tokenizer(tmp_path, size)
+    tok = Tokenizer.from_pretrained(str(tmp_path))
+    assert tok.vocab_size == 32000
+    text = "Hello world, a story about the sea."
+    assert tok.decode(tok.encode(text)) == text

@@ -57,6 +57,8 @@ def _print(card: str, args: argparse.Namespace, rows: list[kernels.Row]) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    # The measured kernel timings behind each layer shape's plan belong in a benchmark's log.
+    logging.getLogger("engine.model.linear.triton_backend").setLevel(logging.DEBUG)
     parser = argparse.ArgumentParser(prog="gptq-serve bench", description=__doc__)
     configure_parser(parser)
     return run(parser.parse_args(argv))

@@ -40,7 +40,9 @@ from engine.checkpoint.types import LlamaArchConfig, QuantConfig
 
 WEIGHTS_FILE = "model.safetensors"
 PRESETS = ("tiny", "13b")
-TOKENIZER_VOCAB_SIZE = 1000
+# The tokenizer's size per preset: tiny keeps the tests fast; 13b has Llama 2's 32000, so the
+# lm_head and the sampler of a benchmark do the real model's work.
+TOKENIZER_VOCAB_SIZES = {"tiny": 1000, "13b": 32000}
 LINEAR_STD = 0.3  # times 1 / sqrt(fan_in)
 # q and k entries of std c give attention logits of std c^2 (whatever head_dim, after the
 # 1/sqrt(head_dim) scaling): 0.3 would make attention nearly uniform, hiding position bugs;
@@ -79,8 +81,8 @@ class SynthSpec:
 
 def preset_arch(preset: str, tokenizer_vocab_size: int) -> LlamaArchConfig:
     """The preset's shapes. "tiny" runs a forward in milliseconds on a CPU yet takes every group
-    size (32, 64 and 128 divide 256 and 768); "13b" is Llama-2-13B's shapes, the small
-    tokenizer's ids simply using the first rows of its 32000-entry vocabulary."""
+    size (32, 64 and 128 divide 256 and 768); "13b" is Llama-2-13B's shapes, its tokenizer
+    Llama 2's size (32000)."""
     if preset == "tiny":
         shapes = (256, 768, 2, 4, tokenizer_vocab_size, 2048)
     elif preset == "13b":
@@ -196,12 +198,13 @@ def synthesize(spec: SynthSpec, out_dir: Path) -> None:
     """Write a complete checkpoint folder. config.json is written last, so a folder that has it
     is complete (an interrupted run leaves no loadable half-checkpoint)."""
     # sentencepiece trains exactly this many pieces or fails, so the size is known up front.
-    arch = preset_arch(spec.preset, TOKENIZER_VOCAB_SIZE)
+    vocab_size = TOKENIZER_VOCAB_SIZES[spec.preset]
+    arch = preset_arch(spec.preset, vocab_size)
     quant = spec.quant
     _check_divisible(arch, quant)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CONFIG_FILE).unlink(missing_ok=True)
-    train_tokenizer(out_dir, TOKENIZER_VOCAB_SIZE, model_max_length=arch.max_position_embeddings)
+    train_tokenizer(out_dir, vocab_size, model_max_length=arch.max_position_embeddings)
     device = torch.device(spec.device)
 
     partial = out_dir / (WEIGHTS_FILE + ".partial")

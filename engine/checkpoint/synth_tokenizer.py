@@ -83,12 +83,36 @@ def corpus(num_lines: int = 4000, seed: int = 0) -> Iterator[str]:
         yield line
 
 
+# Up to this size the English-like corpus alone has enough distinct pieces to merge.
+_SMALL_VOCAB = 2000
+
+
+def _pseudo_words(rng: random.Random, count: int) -> list[str]:
+    """Distinct pronounceable made-up words (2-4 syllables)."""
+    syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"]
+    syllables += ["an", "en", "in", "on", "un", "ar", "er", "or", "st", "th"]
+    words: set[str] = set()
+    while len(words) < count:
+        words.add("".join(rng.choice(syllables) for _ in range(rng.randint(2, 4))))
+    return sorted(words)
+
+
+def large_corpus(seed: int = 0) -> Iterator[str]:
+    """The English-like corpus, then lines of made-up words: enough distinct pieces for BPE to
+    reach a Llama-sized vocabulary (32000) in a couple of seconds."""
+    yield from corpus(seed=seed)
+    rng = random.Random(seed + 1)
+    words = _pseudo_words(rng, 40000)
+    for _ in range(30000):
+        yield " ".join(rng.choice(words) for _ in range(12))
+
+
 def _train_model(vocab_size: int) -> bytes:
     model = io.BytesIO()
     # Llama 2's trainer_spec, except vocab_size and the input; byte_fallback adds <0x00>..<0xFF>
     # right after the three specials, as in the real tokenizer.model.
     spm.SentencePieceTrainer.train(
-        sentence_iterator=corpus(),
+        sentence_iterator=corpus() if vocab_size <= _SMALL_VOCAB else large_corpus(),
         model_writer=model,
         model_type="bpe",
         vocab_size=vocab_size,
