@@ -141,6 +141,16 @@ class LLMEngine:
     def abort_all(self, reason: FinishReason, error: str | None = None) -> list[GenerationDelta]:
         return [self._finish(state, reason, error) for state in list(self._states.values())]
 
+    def reset_prefix_cache(self, enable: bool | None = None) -> None:
+        """Forget every cached block and, if ``enable`` is given, turn prefix caching on or
+        off (as vLLM's reset_prefix_cache): lets a benchmark compare runs on one loaded model.
+        Only while idle, when no sequence holds a block."""
+        if self.has_work:
+            raise RuntimeError("the prefix cache can only be reset while no request runs")
+        old = self.scheduler.block_manager
+        self.scheduler.block_manager = BlockManager(
+            old.num_blocks, old.block_size, old.enable_caching if enable is None else enable)
+
     def step(self) -> list[GenerationDelta]:
         out = self.scheduler.schedule()
         if out.is_empty:
