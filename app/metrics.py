@@ -31,12 +31,21 @@ class EngineCollector(Collector):
         yield _gauge("gptq_num_requests_running", "Requests in the running batch.", s.num_running)
         yield _gauge("gptq_num_requests_waiting", "Requests waiting to be scheduled.",
                      s.num_waiting)
-        yield _gauge("gptq_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0-1).",
-                     s.kv_cache_usage)
+        yield _gauge("gptq_kv_cache_usage_ratio", "Fraction of KV-cache blocks held by "
+                     "running requests (0-1).", s.kv_cache_usage)
         yield _gauge("gptq_kv_cache_blocks_total", "KV-cache blocks in the pool.",
                      s.num_kv_blocks_total)
-        yield _gauge("gptq_kv_cache_blocks_free", "KV-cache blocks free.", s.num_kv_blocks_free)
-        yield _counter("gptq_prompt_tokens", "Prompt tokens prefilled.", s.num_prompt_tokens_total)
+        yield _gauge("gptq_kv_cache_blocks_free", "KV-cache blocks held by no request and "
+                     "holding nothing reusable.", s.num_kv_blocks_free)
+        yield _gauge("gptq_kv_cache_blocks_cached", "KV-cache blocks held by no request that "
+                     "keep K/V later prompts may reuse (evicted least recently used first).",
+                     s.num_kv_blocks_cached)
+        yield _counter("gptq_prefix_cache_queries", "Prompt tokens looked up in the prefix "
+                       "cache.", s.num_prefix_cache_queries_total)
+        yield _counter("gptq_prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                       s.num_prefix_cache_hits_total)
+        yield _counter("gptq_prompt_tokens", "Prompt tokens of requests whose prefill "
+                       "completed (cached ones included).", s.num_prompt_tokens_total)
         yield _counter("gptq_generation_tokens", "Tokens generated.",
                        s.num_generation_tokens_total)
         yield _counter("gptq_num_preemptions", "Sequences preempted for KV-cache space.",

@@ -63,6 +63,10 @@ class Settings(BaseSettings):
                                           "memory for weights, activations and the KV cache.")
     kv_cache_memory_gb: float = Field(1.0, gt=0, description="KV-cache size on the CPU, GiB.")
     cuda_graphs: bool = Field(True, description="Capture decode steps in CUDA graphs.")
+    prefix_caching: bool = Field(True, description="Automatic prefix caching: keep full KV "
+                                 "blocks after their request ends and reuse them for later "
+                                 "prompts that start with the same tokens "
+                                 "(--no-prefix-caching turns it off).")
     seed: int = Field(0, description="Seed of the shared sampler for unseeded requests.")
     # ---- HTTP -----------------------------------------------------------------------------
     host: str = Field("0.0.0.0", description="Address to listen on.")
@@ -139,7 +143,8 @@ class Settings(BaseSettings):
             kv_cache_memory_gb=self.kv_cache_memory_gb, device=self.device,
             linear_backend=self.linear_backend, dense_weights=self.dense_weights,
             attention_backend=self.attention_backend,
-            dtype=self.dtype, cuda_graphs=self.cuda_graphs, seed=self.seed)
+            dtype=self.dtype, cuda_graphs=self.cuda_graphs,
+            enable_prefix_caching=self.prefix_caching, seed=self.seed)
 
 
 # Flag spellings that differ from the field name.

@@ -45,6 +45,9 @@ class EngineConfig:
     dtype: str = "auto"
     # Capture decode steps in CUDA graphs (ignored on the CPU).
     cuda_graphs: bool = True
+    # Keep full KV blocks after their request ends and share them with later requests whose
+    # prompts start with the same tokens (automatic prefix caching).
+    enable_prefix_caching: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:

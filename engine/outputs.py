@@ -50,6 +50,9 @@ class GenerationDelta:
     logprobs: tuple[TokenLogprob, ...] | None
     num_prompt_tokens: int
     num_output_tokens: int  # cumulative, including this delta
+    # Prompt tokens whose K/V came from the prefix cache instead of being computed (fixed from
+    # the first token on; 0 for requests that asked for prompt logprobs or never ran).
+    num_cached_tokens: int = 0
     finish_reason: FinishReason | None = None
     # Which stop string or stop token id ended the request, when one did.
     stop_reason: str | int | None = None
@@ -72,16 +75,29 @@ class EngineStats:
     num_running: int
     num_waiting: int
     num_kv_blocks_total: int
+    # Held by no request: free blocks hold nothing, cached ones a reusable prefix (evicted
+    # least recently used first when a new block is needed). Both are available to new work;
+    # total - free - cached are in use.
     num_kv_blocks_free: int
+    num_kv_blocks_cached: int
     num_preemptions_total: int
     num_prompt_tokens_total: int
     num_generation_tokens_total: int
     num_steps_total: int
+    # vLLM's prefix_cache_queries / prefix_cache_hits: prompt tokens looked up in the prefix
+    # cache at first admission, and how many of them were found there.
+    num_prefix_cache_queries_total: int
+    num_prefix_cache_hits_total: int
     loop_alive: bool
 
     @property
+    def num_kv_blocks_available(self) -> int:
+        return self.num_kv_blocks_free + self.num_kv_blocks_cached
+
+    @property
     def kv_cache_usage(self) -> float:
-        used = self.num_kv_blocks_total - self.num_kv_blocks_free
+        """Fraction of blocks held by running requests (cached idle blocks are not usage)."""
+        used = self.num_kv_blocks_total - self.num_kv_blocks_available
         return used / self.num_kv_blocks_total if self.num_kv_blocks_total else 0.0
 
 

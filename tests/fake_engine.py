@@ -6,7 +6,8 @@ fed from a FIFO waiting queue, KV blocks reserved at admission and freed on fini
 one token per running request per step (``token_delay_s`` apart), stop strings found across
 token boundaries (with the engine's own matcher), stop token ids, ``min_tokens``,
 ``ignore_eos``, ``logit_bias`` of +-100 (forced or banned tokens), logprobs and prompt logprobs,
-seeded sampling and aborts. Tokens come from the real tokenizer of a checkpoint folder.
+seeded sampling and aborts. Tokens come from the real tokenizer of a checkpoint folder. It has
+no prefix cache: it reports no cached blocks, queries or hits, and 0 cached tokens.
 
 "Generation" is deterministic: greedy picks a word token from a hash of the last three token
 ids; sampling draws word tokens from ``random.Random(seed)``. A prompt whose text contains
@@ -127,10 +128,11 @@ class FakeEngine:
         return EngineStats(
             num_running=len(self._running), num_waiting=len(self._waiting),
             num_kv_blocks_total=self.options.num_kv_blocks,
-            num_kv_blocks_free=self._free_blocks, num_preemptions_total=0,
-            num_prompt_tokens_total=self._num_prompt_tokens,
+            num_kv_blocks_free=self._free_blocks, num_kv_blocks_cached=0,
+            num_preemptions_total=0, num_prompt_tokens_total=self._num_prompt_tokens,
             num_generation_tokens_total=self._num_generation_tokens,
-            num_steps_total=self._num_steps, loop_alive=self._alive)
+            num_steps_total=self._num_steps, num_prefix_cache_queries_total=0,
+            num_prefix_cache_hits_total=0, loop_alive=self._alive)
 
     async def start(self) -> None:
         await asyncio.sleep(self.options.load_delay_s)
@@ -399,13 +401,15 @@ def scrape(url: str, headers: dict[str, str] | None = None) -> dict[str, float]:
 
 
 def scrape_when_idle(url: str, timeout: float = 5.0) -> dict[str, float]:
-    """/metrics once no request runs or waits and every KV block is free (or the timeout
-    passed: the caller's assertions then say what is still held)."""
+    """/metrics once no request runs or waits and no request holds a KV block (every block
+    free or cached for reuse), or the timeout passed: the caller's assertions then say what is
+    still held."""
     deadline = time.monotonic() + timeout
     while True:
         m = scrape(url)
+        available = m["gptq_kv_cache_blocks_free"] + m["gptq_kv_cache_blocks_cached"]
         idle = (m["gptq_num_requests_running"] == 0 and m["gptq_num_requests_waiting"] == 0
-                and m["gptq_kv_cache_blocks_free"] == m["gptq_kv_cache_blocks_total"])
+                and available == m["gptq_kv_cache_blocks_total"])
         if idle or time.monotonic() > deadline:
             return m
         time.sleep(0.05)

@@ -80,8 +80,10 @@ def test_greedy_tokens_and_logprobs_equal_the_reference(
     expected = reference.logprobs(ids, 3)
     choice = done["choices"][0]
     assert choice["finish_reason"] == "length"
+    # Prompt logprobs need every prompt position computed: no prefix-cache hit.
     assert done["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": NUM_TOKENS,
-                             "total_tokens": len(prompt) + NUM_TOKENS}
+                             "total_tokens": len(prompt) + NUM_TOKENS,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     assert choice["text"] == tokenizer.decode(ids)
     lp = choice["logprobs"]
     # Echoed: every token after BOS (which has no logprob), prompt and completion alike.

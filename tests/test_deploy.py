@@ -332,7 +332,8 @@ def test_dashboard_covers_the_service() -> None:
                    "gptq_inter_token_latency_seconds_bucket", "gptq_num_requests_waiting",
                    "gptq_num_requests_running", "gptq_kv_cache_usage_ratio",
                    "gptq_num_preemptions_total", "gptq_http_requests_total",
-                   "gptq_requests_rejected_total"):
+                   "gptq_requests_rejected_total", "gptq_kv_cache_blocks_cached",
+                   "gptq_prefix_cache_queries_total", "gptq_prefix_cache_hits_total"):
         assert needed in text, f"the dashboard shows nothing of {needed}"
 
 

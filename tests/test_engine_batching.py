@@ -40,7 +40,8 @@ def solo_outputs(tiny_checkpoint: Path) -> dict[str, list[int]]:
 
 def assert_all_blocks_free(engine: LLMEngine) -> None:
     blocks = engine.scheduler.block_manager
-    assert blocks.num_free_blocks == blocks.num_blocks
+    assert blocks.num_available_blocks == blocks.num_blocks
+    assert all(blocks.ref_count(b) == 0 for b in range(blocks.num_blocks))
     assert not engine.scheduler.running and not engine.scheduler.waiting
 
 

@@ -58,4 +58,4 @@ def test_greedy_tokens_and_logits_match_transformers(branch: str, checkpoint_roo
         prompt, SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True))})
     assert output_tokens(deltas["greedy"]) == reference_greedy(ref, prompt, NUM_NEW_TOKENS)
     blocks = engine.scheduler.block_manager
-    assert blocks.num_free_blocks == blocks.num_blocks
+    assert blocks.num_available_blocks == blocks.num_blocks

@@ -11,13 +11,16 @@ from engine.core.block_manager import BlockManager
 from engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.core.sequence import Sequence, SequenceStatus
 from engine.params import SamplingParams
+from tests.block_invariants import check_block_invariants
 
 _ids = itertools.count()
 
 
 def make_seq(prompt_len: int, max_tokens: int = 4) -> Sequence:
+    """A sequence whose tokens no other one shares (so the prefix cache never hits)."""
     n = next(_ids)
-    return Sequence(seq_id=n, request_id=f"r{n}", prompt_token_ids=[1] * prompt_len,
+    return Sequence(seq_id=n, request_id=f"r{n}",
+                    prompt_token_ids=list(range(n * 1000, n * 1000 + prompt_len)),
                     params=SamplingParams(max_tokens=max_tokens))
 
 
@@ -44,17 +47,6 @@ def counts(out: SchedulerOutput) -> list[tuple[str, int]]:
     return [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled]
 
 
-def check_block_invariants(sched: Scheduler) -> None:
-    bm = sched.block_manager
-    held = [b for seq in sched.running for b in seq.block_table]
-    assert len(held) == len(set(held)), "a block is owned twice"
-    assert len(held) + bm.num_free_blocks == bm.num_blocks, "a block leaked"
-    for seq in sched.running:
-        assert len(seq.block_table) * bm.block_size >= seq.num_computed_tokens
-    for seq in sched.waiting:
-        assert seq.block_table == [] and seq.num_computed_tokens == 0
-
-
 def test_prefill_then_decode_one_token_per_step() -> None:
     sched = make_scheduler()
     seq = make_seq(10, max_tokens=3)
@@ -70,7 +62,7 @@ def test_prefill_then_decode_one_token_per_step() -> None:
     assert counts(out) == [(seq.request_id, 1)]
     assert complete_step(sched, out) == [seq]
     assert sched.schedule().is_empty
-    assert sched.block_manager.num_free_blocks == 64
+    assert sched.block_manager.num_available_blocks == 64
 
 
 def test_chunked_prefill_splits_a_long_prompt_by_budget() -> None:
@@ -204,7 +196,7 @@ def test_random_workload_completes_without_leaks_or_starvation(seed: int) -> Non
             break
     assert len(done) == len(all_seqs), "some request never finished"
     assert all(s.num_output_tokens == s.params.max_tokens for s in all_seqs)
-    assert sched.block_manager.num_free_blocks == 24
+    assert sched.block_manager.num_available_blocks == 24
     # Preemption was exercised by this tight pool.
     assert sched.num_preemptions_total > 0
 

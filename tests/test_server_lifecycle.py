@@ -27,7 +27,9 @@ ORIGIN = "https://app.example"
 CONTRACT = {
     "gptq_num_requests_running": "gauge", "gptq_num_requests_waiting": "gauge",
     "gptq_kv_cache_usage_ratio": "gauge", "gptq_kv_cache_blocks_total": "gauge",
-    "gptq_kv_cache_blocks_free": "gauge", "gptq_prompt_tokens": "counter",
+    "gptq_kv_cache_blocks_free": "gauge", "gptq_kv_cache_blocks_cached": "gauge",
+    "gptq_prefix_cache_queries": "counter", "gptq_prefix_cache_hits": "counter",
+    "gptq_prompt_tokens": "counter",
     "gptq_generation_tokens": "counter", "gptq_num_preemptions": "counter",
     "gptq_engine_steps": "counter", "gptq_request_success": "counter",
     "gptq_requests_rejected": "counter", "gptq_http_requests": "counter",

@@ -119,7 +119,9 @@ async def test_disconnected_streams_free_every_kv_block(server: ServerProcess) -
         await asyncio.gather(*(hang_up_after_two(client, i) for i in range(10)))
     m = scrape_when_idle(server.url, timeout=10)
     assert m["gptq_num_requests_running"] == 0 and m["gptq_num_requests_waiting"] == 0
-    assert m["gptq_kv_cache_blocks_free"] == m["gptq_kv_cache_blocks_total"] == 512
+    # Every block is free or cached for reuse: none is held.
+    assert m["gptq_kv_cache_blocks_total"] == 512 and m["gptq_kv_cache_usage_ratio"] == 0
+    assert m["gptq_kv_cache_blocks_free"] + m["gptq_kv_cache_blocks_cached"] == 512
     # 10 x 400 tokens were asked for; the aborts stopped them long before.
     assert m["gptq_generation_tokens_total"] < 2000
     assert m['gptq_request_success_total{finish_reason="abort"}'] >= 10
@@ -142,7 +144,8 @@ async def test_64_concurrent_streams_all_finish_on_the_real_engine(server: Serve
         assert data[-1] == "[DONE]"
         assert json.loads(data[-2])["usage"]["completion_tokens"] == 8
     m = scrape_when_idle(server.url)
-    assert m["gptq_kv_cache_blocks_free"] == m["gptq_kv_cache_blocks_total"]
+    assert m["gptq_kv_cache_blocks_free"] + m["gptq_kv_cache_blocks_cached"] \
+        == m["gptq_kv_cache_blocks_total"]
 
 
 def test_metrics_describe_the_loaded_model_and_sigterm_exits_0(server: ServerProcess) -> None:

@@ -55,6 +55,8 @@ def test_invalid_values_are_refused(argv: list[str]) -> None:
 def test_engine_config_carries_the_engine_settings() -> None:
     cfg = parse(["--model", "/m", "--max-model-len", "512", "--device", "cpu"]).engine_config()
     assert cfg.model == "/m" and cfg.max_model_len == 512 and cfg.device == "cpu"
+    assert cfg.enable_prefix_caching is True
+    assert parse(["--no-prefix-caching"]).engine_config().enable_prefix_caching is False
 
 
 def test_the_configuration_doc_lists_every_setting_as_generated() -> None:

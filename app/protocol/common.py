@@ -50,10 +50,16 @@ class SamplingFields(RequestModel):
     skip_special_tokens: bool | None = None
 
 
+class PromptTokensDetails(BaseModel):
+    # Prompt tokens whose K/V the prefix cache already held (OpenAI's field).
+    cached_tokens: int
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class ModelCard(BaseModel):

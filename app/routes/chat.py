@@ -35,6 +35,7 @@ from app.routes.common import (
     render_chat,
     server_state,
     system_fingerprint,
+    usage,
 )
 from app.templates import ChatMessage
 from engine.client import EngineClient
@@ -141,7 +142,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                                                      logprobs=logprobs))
             for j, seed in enumerate(seeds_for(body.seed, n))]
     generation = Generation(state, engine, jobs, http_request_id=http_request_id(request))
-    ctx = _Context(engine, body, len(prompt_ids), new_id("chatcmpl"), now())
+    ctx = _Context(engine, body, len(prompt_ids), n, new_id("chatcmpl"), now())
     if body.stream:
         return sse.EventStreamResponse(_stream(ctx, generation), generation.release)
     results = await run_until_disconnect(request.is_disconnected, generation)
@@ -150,10 +151,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
 
 class _Context:
     def __init__(self, engine: EngineClient, body: ChatCompletionRequest, num_prompt: int,
-                 request_id: str, created: int) -> None:
+                 n: int, request_id: str, created: int) -> None:
         self.engine = engine
         self.body = body
         self.num_prompt = num_prompt
+        self.n = n
         self.id = request_id
         self.created = created
 
@@ -163,10 +165,8 @@ class _Context:
         content = chat_entries(self.engine.tokenizer, delta.logprobs or ())
         return ChoiceLogprobs(content=content, refusal=None).model_dump()
 
-    def usage(self, finals: list[GenerationDelta]) -> Usage:
-        completion = sum(d.num_output_tokens for d in finals)
-        return Usage(prompt_tokens=self.num_prompt, completion_tokens=completion,
-                     total_tokens=self.num_prompt + completion)
+    def usage(self, finals: dict[int, GenerationDelta]) -> Usage:
+        return usage(self.num_prompt, finals, self.n)
 
     def chunk(self, choices: list[dict], usage: Usage | None = None,
               with_usage_key: bool = False) -> dict:
@@ -180,11 +180,12 @@ class _Context:
 
 def _response(ctx: _Context, results: dict[int, list[GenerationDelta]]
               ) -> ChatCompletionResponse:
-    choices, finals = [], []
+    choices = []
+    finals: dict[int, GenerationDelta] = {}
     for index in sorted(results):
         deltas = results[index]
         final = deltas[-1]
-        finals.append(final)
+        finals[index] = final
         logprobs = None
         if ctx.body.logprobs:
             entries = [e for d in deltas for e in (d.logprobs or ())]
@@ -200,7 +201,7 @@ def _response(ctx: _Context, results: dict[int, list[GenerationDelta]]
 
 async def _stream(ctx: _Context, generation: Generation) -> AsyncIterator[str]:
     include_usage = bool(ctx.body.stream_options and ctx.body.stream_options.include_usage)
-    finals: list[GenerationDelta] = []
+    finals: dict[int, GenerationDelta] = {}
     keepalive = generation.state.settings.keepalive_interval
     # OpenAI sends the role first, with empty content, for every choice.
     for job in generation.jobs:
@@ -220,7 +221,7 @@ async def _stream(ctx: _Context, generation: Generation) -> AsyncIterator[str]:
                                             "finish_reason": None}],
                                           with_usage_key=include_usage))
             if delta.finished:
-                finals.append(delta)
+                finals[index] = delta
                 yield sse.event(ctx.chunk([{"index": index, "delta": {}, "logprobs": None,
                                             "finish_reason": openai_finish_reason(delta)}],
                                           with_usage_key=include_usage))

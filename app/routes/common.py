@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import Request
 
 from app.errors import OpenAIError, bad_request
+from app.protocol.common import PromptTokensDetails, Usage
 from app.state import ServerState
 from app.templates import RenderedPrompt, TemplateError
 from engine.client import EngineClient
+from engine.outputs import GenerationDelta
 
 
 def server_state(request: Request) -> ServerState:
@@ -60,6 +63,23 @@ def encode_text(engine: EngineClient, text: str, param: str,
         raise bad_request(f"'{param}' is not valid Unicode text (a lone surrogate at "
                           f"character {exc.start})", param) from exc
     return engine.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+
+def usage(prompt_tokens: int, finals: Mapping[int, GenerationDelta], n: int) -> Usage:
+    """Usage of a response whose choice ``index`` is choice ``index % n`` of prompt
+    ``index // n``. Like ``prompt_tokens`` (each prompt once, whatever n), ``cached_tokens``
+    counts each prompt once: the prompt tokens that every one of its choices found in the
+    prefix cache (the fewest over its choices; choices admitted in the same step all miss
+    what none of them had computed before)."""
+    cached: dict[int, int] = {}
+    for index, final in finals.items():
+        prompt = index // n
+        cached[prompt] = min(cached.get(prompt, final.num_cached_tokens),
+                             final.num_cached_tokens)
+    completion = sum(d.num_output_tokens for d in finals.values())
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
+                 total_tokens=prompt_tokens + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(cached.values())))
 
 
 def render_chat(state: ServerState, raw_messages: list[Any]) -> RenderedPrompt:

@@ -33,6 +33,7 @@ from app.routes.common import (
     refuse,
     server_state,
     system_fingerprint,
+    usage,
 )
 from engine.client import EngineClient
 from engine.outputs import GenerationDelta
@@ -144,20 +145,17 @@ class _Context:
                                           first.prompt_logprobs, prompt.text)
 
 
-def _usage(ctx: _Context, finals: list[GenerationDelta]) -> Usage:
-    prompt_tokens = sum(len(p.token_ids) for p in ctx.prompts)
-    completion = sum(d.num_output_tokens for d in finals)
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
-                 total_tokens=prompt_tokens + completion)
+def _usage(ctx: _Context, finals: dict[int, GenerationDelta]) -> Usage:
+    return usage(sum(len(p.token_ids) for p in ctx.prompts), finals, ctx.n)
 
 
 def _response(ctx: _Context, results: dict[int, list[GenerationDelta]]) -> CompletionResponse:
     choices = []
-    finals = []
+    finals: dict[int, GenerationDelta] = {}
     for index in sorted(results):
         deltas = results[index]
         final = deltas[-1]
-        finals.append(final)
+        finals[index] = final
         builder = ctx.logprob_builder(index)
         echo_text, echo_lp = ctx.echo_part(index, deltas[0])
         text = echo_text + "".join(d.text for d in deltas)
@@ -176,7 +174,7 @@ async def _stream(ctx: _Context, generation: Generation) -> AsyncIterator[str]:
     include_usage = bool(ctx.body.stream_options and ctx.body.stream_options.include_usage)
     builders = {job.index: ctx.logprob_builder(job.index) for job in generation.jobs}
     started: set[int] = set()
-    finals: list[GenerationDelta] = []
+    finals: dict[int, GenerationDelta] = {}
     keepalive = generation.state.settings.keepalive_interval
     try:
         async for item in generation.stream(keepalive):
@@ -199,7 +197,7 @@ async def _stream(ctx: _Context, generation: Generation) -> AsyncIterator[str]:
                       "finish_reason": openai_finish_reason(delta)}
             yield sse.event(_chunk(ctx, [choice]))
             if delta.finished:
-                finals.append(delta)
+                finals[index] = delta
         if include_usage:
             yield sse.event(_chunk(ctx, [], usage=_usage(ctx, finals).model_dump()))
     except OpenAIError as err:

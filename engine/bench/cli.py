@@ -1,4 +1,5 @@
-"""``gptq-serve bench``: engine, server and kernel benchmarks on one GPU.
+"""``gptq-serve bench``: engine, server and kernel benchmarks on one GPU, and the prefix-caching
+benchmark (on a GPU or the CPU).
 
 The app's CLI delegates here: ``configure_parser(p)`` adds the options, ``run(args)`` runs the
 chosen mode and prints one table; the exit status is 0 on success.
@@ -13,25 +14,32 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from engine.bench import engine_mode, kernels, server_bench
+from engine.bench import engine_mode, kernels, prefix_bench, server_bench
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("mode", nargs="?", default="engine", choices=["engine", "server", "kernels"],
+    p.add_argument("mode", nargs="?", default="engine",
+                   choices=["engine", "server", "kernels", "prefix"],
                    help="engine: our engine, exllamav2's generator and the bandwidth ceiling on "
                         "one checkpoint; server: a streaming load client against a running "
                         "server (vLLM's TTFT/TPOT/ITL/latency/throughput); kernels: copy "
-                        "bandwidth, exllama crossover per 13B layer shape, paged attention")
+                        "bandwidth, exllama crossover per 13B layer shape, paged attention; "
+                        "prefix: prefix caching on and off on a shared system prompt and on "
+                        "unique prompts (GPU or CPU)")
     p.add_argument("--json-out", default=None, help="also write the rows to this JSON file")
     engine_mode.configure_parser(p)
     server_bench.configure_parser(p)
     kernels.configure_parser(p)
+    prefix_bench.configure_parser(p)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.mode == "server":
         # The GPU is the server's; this process only sends requests.
         return _print(args.base_url, args, server_bench.run(args))
+    if args.mode == "prefix":
+        device = prefix_bench.resolve_device(args.device)
+        return _print(prefix_bench.device_name(device), args, prefix_bench.run(args))
     import torch
 
     if not torch.cuda.is_available():

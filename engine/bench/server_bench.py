@@ -21,6 +21,7 @@ import json
 import random
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import httpx
@@ -119,14 +120,15 @@ def summarise(records: list[RequestRecord], duration_s: float) -> list[Row]:
         if values:
             rows.append(Row(f"{name} mean", statistics.fmean(values), "ms"))
             rows.append(Row(f"{name} median", statistics.median(values), "ms"))
-            rows.append(Row(f"{name} p99", _percentile(values, 99), "ms"))
+            rows.append(Row(f"{name} p99", percentile(values, 99), "ms"))
     output = sum(r.output_tokens for r in done)
     rows.append(Row("output throughput", output / duration_s, "tok/s"))
     rows.append(Row("request throughput", len(done) / duration_s, "req/s"))
     return rows
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: Sequence[float], q: float) -> float:
+    """The nearest-rank ``q``-th percentile."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 

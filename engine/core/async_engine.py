@@ -184,9 +184,12 @@ class AsyncEngine:
             num_waiting=len(engine.scheduler.waiting) + self._num_pending_adds,
             num_kv_blocks_total=blocks.num_blocks,
             num_kv_blocks_free=blocks.num_free_blocks,
+            num_kv_blocks_cached=blocks.num_cached_blocks,
             num_preemptions_total=engine.scheduler.num_preemptions_total,
             num_prompt_tokens_total=engine.counters.num_prompt_tokens,
             num_generation_tokens_total=engine.counters.num_generation_tokens,
             num_steps_total=engine.counters.num_steps,
+            num_prefix_cache_queries_total=engine.scheduler.prefix_cache_stats.queries,
+            num_prefix_cache_hits_total=engine.scheduler.prefix_cache_stats.hits,
             loop_alive=alive,
         )

@@ -53,6 +53,9 @@ class EngineCounters:
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
     num_steps: int = 0
+    # Prompt tokens run through the model, recomputation after preemption included (prompt
+    # tokens taken from the prefix cache are not): the prefill work actually done.
+    num_prompt_tokens_computed: int = 0
 
 
 class LLMEngine:
@@ -98,7 +101,7 @@ class LLMEngine:
                              tokenizer.vocab_size, config.seed, graphs)
         scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len),
-            BlockManager(blocks, config.block_size))
+            BlockManager(blocks, config.block_size, config.enable_prefix_caching))
         # A local folder has no revision; a hub repo's is the branch the user asked for.
         revision = None if Path(config.model).is_dir() else config.revision
         info = ModelInfo(model=config.model, revision=revision, bits=ckpt.quant.bits,
@@ -127,11 +130,14 @@ class LLMEngine:
                 "token", code="context_length_exceeded")
 
     def add_request(self, request_id: str, prompt_token_ids: Seq[int],
-                    params: SamplingParams) -> None:
+                    params: SamplingParams, extra_hash_key: str | None = None) -> None:
+        """Queue a request. ``extra_hash_key`` names whatever besides the tokens changes its
+        K/V (e.g. an adapter); requests share cached KV blocks only when their keys match."""
         if request_id in self._states:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate_prompt(prompt_token_ids)
-        seq = Sequence(next(self._seq_ids), request_id, list(prompt_token_ids), params)
+        seq = Sequence(next(self._seq_ids), request_id, list(prompt_token_ids), params,
+                       extra_hash_key=extra_hash_key)
         self._states[request_id] = self.outputs.new_state(seq)
         self.scheduler.add(seq)
 
@@ -145,11 +151,23 @@ class LLMEngine:
     def abort_all(self, reason: FinishReason, error: str | None = None) -> list[GenerationDelta]:
         return [self._finish(state, reason, error) for state in list(self._states.values())]
 
+    def reset_prefix_cache(self, enable: bool | None = None) -> None:
+        """Forget every cached block and, if ``enable`` is given, turn prefix caching on or
+        off (as vLLM's reset_prefix_cache): lets a benchmark compare runs on one loaded model.
+        Only while idle, when no sequence holds a block."""
+        if self.has_work:
+            raise RuntimeError("the prefix cache can only be reset while no request runs")
+        old = self.scheduler.block_manager
+        self.scheduler.block_manager = BlockManager(
+            old.num_blocks, old.block_size, old.enable_caching if enable is None else enable)
+
     def step(self) -> list[GenerationDelta]:
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
         result = self.runner.run(out)
+        self.counters.num_prompt_tokens_computed += sum(s.num_new_prompt_tokens
+                                                        for s in out.scheduled)
         self.scheduler.on_step_done(out)
         return self._postprocess(out, result)
 

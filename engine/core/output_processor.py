@@ -123,6 +123,7 @@ class OutputProcessor:
             text=text,
             logprobs=logprobs,
             num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
             finish_reason=state.finish_reason,
             stop_reason=state.stop_reason,

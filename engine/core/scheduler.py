@@ -5,11 +5,18 @@ sequence a number of new tokens to compute: 1 for a decoding sequence, up to the
 prompt for a prefilling one (chunked when the step's token budget runs short). Policy:
 
 1. Running sequences first, oldest first. Each needs KV blocks for its new tokens; when the pool
-   is dry the youngest running sequence is preempted (its blocks freed, recomputed later) until
-   the older one fits. Older requests therefore always make progress.
+   is dry the youngest running sequence is preempted (its block references dropped, recomputed
+   later) until the older one fits. Older requests therefore always make progress. A preempted
+   sequence's full blocks stay in the prefix cache until evicted, which often shortens its
+   recompute.
 2. Then waiting sequences in arrival order, while the token budget, ``max_num_seqs`` and free
    blocks allow. Admission stops at the first one that does not fit (no overtaking), so nothing
    starves: the head of the queue gets the next blocks to come free.
+3. An admitted sequence first takes the longest run of its leading full blocks that the prefix
+   cache holds (references on them, no compute) and is scheduled for the rest only. Requests
+   that want prompt logprobs take no hits: every prompt position's logits must be computed.
+   Blocks join the cache once they are full of computed tokens (after the step that filled
+   them), so a prefix computed in this step is shared from the next one on.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from engine.core.block_manager import BlockManager
+from engine.core.prefix_cache import PrefixCacheStats
 from engine.core.sequence import Sequence, SequenceStatus
 
 
@@ -39,6 +47,12 @@ class ScheduledSeq:
     def samples(self) -> bool:
         """Whether this step yields logits for a new token of the sequence."""
         return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+    @property
+    def num_new_prompt_tokens(self) -> int:
+        """How many of this step's new tokens are prompt tokens (read before on_step_done)."""
+        start = self.seq.num_computed_tokens
+        return max(0, min(start + self.num_new_tokens, self.seq.num_prompt_tokens) - start)
 
 
 @dataclass(frozen=True)
@@ -64,6 +78,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # oldest first
         self.num_preemptions_total = 0
+        self.prefix_cache_stats = PrefixCacheStats()
 
     @property
     def has_work(self) -> bool:
@@ -92,18 +107,37 @@ class Scheduler:
         while self.waiting and budget > 0 and not preempted \
                 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            num_new = min(seq.num_uncomputed_tokens, budget)
-            if not self.block_manager.can_allocate(seq, seq.num_computed_tokens + num_new):
+            num_new = self._admit(seq, budget)
+            if num_new is None:
                 break
             self.waiting.popleft()
-            self.block_manager.allocate(seq, seq.num_computed_tokens + num_new)
-            seq.status = SequenceStatus.RUNNING
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
         return SchedulerOutput(tuple(scheduled), tuple(preempted))
+
+    def _admit(self, seq: Sequence, budget: int) -> int | None:
+        """Give a waiting sequence its blocks (cached prefix first) and start it running.
+        Returns how many tokens it computes this step, or None if its blocks do not fit."""
+        blocks = self.block_manager
+        use_cache = blocks.enable_caching and seq.params.prompt_logprobs is None
+        hit = blocks.find_cached_prefix(seq) if use_cache else []
+        num_cached = len(hit) * blocks.block_size
+        num_new = min(seq.num_tokens - num_cached, budget)
+        if not blocks.can_allocate(seq, num_cached + num_new, hit):
+            return None
+        blocks.allocate(seq, num_cached + num_new, hit)
+        seq.num_computed_tokens = num_cached
+        seq.status = SequenceStatus.RUNNING
+        if seq.first_scheduled_time is None:
+            # First admission; a readmission after preemption counts in neither usage nor the
+            # metrics (as its recomputed prefill counts in no prompt-token total).
+            seq.first_scheduled_time = time.monotonic()
+            seq.num_cached_prompt_tokens = num_cached
+            if use_cache:
+                self.prefix_cache_stats.queries += seq.num_prompt_tokens
+                self.prefix_cache_stats.hits += num_cached
+        return num_new
 
     def _make_room(self, seq: Sequence, num_new: int, preempted: list[Sequence]) -> bool:
         """Allocate blocks for ``seq``'s next ``num_new`` tokens, preempting the youngest running
@@ -129,9 +163,11 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def on_step_done(self, output: SchedulerOutput) -> None:
-        """Advance each scheduled sequence's computed-token count after the model ran."""
+        """Advance each scheduled sequence's computed-token count after the model ran, and offer
+        the blocks this filled to the prefix cache."""
         for s in output.scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
+            self.block_manager.cache_full_blocks(s.seq)
 
     def finish(self, seq: Sequence) -> None:
         """End ``seq`` (stopped, length, aborted or failed) and free all its blocks."""

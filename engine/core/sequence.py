@@ -24,7 +24,12 @@ class Sequence:
     - ``num_computed_tokens`` tokens (a prefix of ``all_token_ids``) have their K/V in the
       blocks of ``block_table``; ``len(block_table) * block_size >= num_computed_tokens``.
     - A WAITING sequence holds no blocks and has ``num_computed_tokens == 0`` (preemption is by
-      recompute: its prompt and outputs so far are prefilled again when it is readmitted).
+      recompute: its prompt and outputs so far are prefilled again when it is readmitted, less
+      whatever prefix the prefix cache still holds).
+    - The first ``num_cached_blocks`` entries of ``block_table`` are full of computed tokens and
+      were offered to the prefix cache (taken from it, or registered once computed); such a
+      block is never written again. ``block_hashes[i]`` is the content hash of token block
+      ``i`` (see engine/core/prefix_cache.py), computed lazily and kept across preemptions.
     - A step samples a new token for a sequence only when it computes the sequence's last
       known token (the final chunk of a prefill, or a decode step); earlier prefill chunks
       only fill the cache.
@@ -34,11 +39,19 @@ class Sequence:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    # What else shapes this sequence's K/V besides its token ids (e.g. the LoRA adapter it
+    # runs with); part of every block hash, so sequences whose keys differ never share KV
+    # blocks. None: the base model alone.
+    extra_hash_key: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_cached_blocks: int = 0
+    block_hashes: list[bytes] = field(default_factory=list)
+    # Prompt tokens found in the prefix cache when the sequence was first admitted (usage).
+    num_cached_prompt_tokens: int = 0
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
 
