@@ -124,11 +124,12 @@ def test_backend_plan_and_graph_replay() -> None:
             captured = layer.forward(x)
         graph.replay()
         torch.cuda.synchronize()
-        if layer.plan.pick(t).kind is PathKind.EXLLAMA:
-            # exllamav2's kernel adds its split partials atomically in fp16: not bit-stable.
-            assert rel_err(captured, eager.float()) < 3e-3, t
+        if layer.plan.pick(t).kind is PathKind.TRITON:
+            assert torch.equal(captured, eager), t  # a fixed reduction order: bit-stable
         else:
-            assert torch.equal(captured, eager), t
+            # exllamav2's kernel adds split partials atomically in fp16, and cuBLAS may pick
+            # another algorithm under capture: equal up to rounding.
+            assert rel_err(captured, eager.float()) < 3e-3, t
 
 
 def test_8bit_model_layer_stays_packed() -> None:
