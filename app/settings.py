@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="Run one short generation before reporting ready.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level.")
+    vllm_metrics: bool = Field(True, description="Also export the metrics a vLLM dashboard, "
+                               "alert or autoscaler reads under vLLM's names (vllm:*, with "
+                               "the model_name label), beside the gptq_* ones.")
 
     @field_validator("served_model_name", "api_keys", "cors_origins", mode="before")
     @classmethod

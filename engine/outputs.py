@@ -31,6 +31,8 @@ class RequestTimings:
     first_scheduled: float | None
     first_token: float | None
     finished: float | None
+    # The step that produced the last token (differs from ``finished`` for an abort).
+    last_token: float | None = None
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,7 @@ class _Request:
     num_blocks: int = 0
     first_scheduled: float | None = None
     first_token: float | None = None
+    last_token: float | None = None
     faulty: bool = False
 
 
@@ -223,6 +224,7 @@ class FakeEngine:
         req.output.append(token)
         self._num_generation_tokens += 1
         req.first_token = req.first_token or time.monotonic()
+        req.last_token = time.monotonic()
         eos = token == self._tokenizer.eos_token_id
         special = eos and params.skip_special_tokens
         text = "" if special else self._tokenizer.token_strings([token])[0]
@@ -296,7 +298,8 @@ class FakeEngine:
             logprobs=() if req.params.logprobs is not None else None,
             num_prompt_tokens=len(req.prompt), num_output_tokens=len(req.output),
             finish_reason=reason, stop_reason=stop_reason, error=error,
-            timings=RequestTimings(req.arrival, req.first_scheduled, req.first_token, now)))
+            timings=RequestTimings(req.arrival, req.first_scheduled, req.first_token, now,
+                                   req.last_token)))
 
 
 # ---- serving it from a real process ---------------------------------------------------------

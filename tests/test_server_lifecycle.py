@@ -17,6 +17,7 @@ import pytest
 from app.lifecycle import in_daemon_thread
 from app.settings import Settings, flag_name
 from tests.fake_engine import ServerProcess, free_port, scrape
+from tests.vllm_names import alias_problems
 
 KEY = "sk-file-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -40,6 +41,10 @@ CONTRACT = {
     "gptq_request_generation_tokens": "histogram",
     "gptq_http_request_duration_seconds": "histogram", "gptq_model_info": "gauge",
     "gptq_ready": "gauge", "gptq_draining": "gauge",
+    "gptq_request_prefill_time_seconds": "histogram",
+    "gptq_request_decode_time_seconds": "histogram",
+    "gptq_request_inference_time_seconds": "histogram",
+    "gptq_request_time_per_output_token_seconds": "histogram",
 }
 
 
@@ -104,6 +109,8 @@ def test_every_contract_metric_is_exported_with_its_type(server: ServerProcess) 
     (info,) = families["gptq_model_info"].samples
     assert info.labels["linear_backend"] == "fake" and info.labels["bits"] == "4"
     assert info.labels["group_size"] == "32" and info.labels["act_order"] == "true"
+    # vLLM's names, labelled with the first served model name.
+    assert alias_problems(text, "first") == []
 
 
 def test_cors_is_served_only_to_the_configured_origin(server: ServerProcess) -> None:
