@@ -104,6 +104,10 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="Run one short generation before reporting ready.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text, or one JSON object per line (for log "
+        "collectors; the request id is a field). json also turns download progress bars off, "
+        "as does a console that is not a terminal.")
     vllm_metrics: bool = Field(True, description="Also export the metrics a vLLM dashboard, "
                                "alert or autoscaler reads under vLLM's names (vllm:*, with "
                                "the model_name label), beside the gptq_* ones.")

@@ -117,3 +117,5 @@ class ModelInfo:
     max_model_len: int
     vocab_size: int
     device: str
+    # A checkpoint written by `gptq-serve synth`: random weights, so its text is gibberish.
+    random_weights: bool = False

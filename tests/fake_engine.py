@@ -40,6 +40,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine.checkpoint.marker import has_random_weights
 from engine.outputs import (
     EngineStats,
     FinishReason,
@@ -112,7 +113,8 @@ class FakeEngine:
                          group_size=None if group == -1 else group,
                          act_order=quant["desc_act"], linear_backend="fake",
                          attention_backend="fake", max_model_len=options.max_model_len,
-                         vocab_size=tokenizer.vocab_size, device="cpu")
+                         vocab_size=tokenizer.vocab_size, device="cpu",
+                         random_weights=has_random_weights(Path(folder)))
         return cls(tokenizer, info, options)
 
     # ---- EngineClient ----------------------------------------------------------------------

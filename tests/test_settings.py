@@ -46,7 +46,8 @@ def test_repeatable_flags_and_key_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("argv", [["--port", "0"], ["--block-size", "12"],
                                   ["--device", "tpu"], ["--max-num-seqs", "x"],
-                                  ["--gpu-memory-utilization", "1.5"]])
+                                  ["--gpu-memory-utilization", "1.5"],
+                                  ["--log-format", "xml"]])
 def test_invalid_values_are_refused(argv: list[str]) -> None:
     with pytest.raises(ValidationError):
         parse(argv)
@@ -62,3 +63,14 @@ def test_engine_config_carries_the_engine_settings() -> None:
 def test_the_configuration_doc_lists_every_setting_as_generated() -> None:
     assert settings_table() in DOC.read_text(), \
         "docs/configuration.md is stale: regenerate the table with `python -m app.settings`"
+
+
+def test_observability_settings_default_to_text_logs_and_vllm_names(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().log_format == "text" and Settings().vllm_metrics is True
+    monkeypatch.setenv("GPTQ_LOG_FORMAT", "json")
+    monkeypatch.setenv("GPTQ_VLLM_METRICS", "false")
+    s = parse([])
+    assert s.log_format == "json" and s.vllm_metrics is False
+    assert parse(["--vllm-metrics"]).vllm_metrics is True
+
