@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from app.settings import Settings, add_arguments, settings_from_args, settings_table
+from app.settings import (
+    SETTING_GROUPS,
+    Settings,
+    add_arguments,
+    grouped_settings,
+    settings_from_args,
+    settings_table,
+)
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 
@@ -74,3 +81,12 @@ def test_observability_settings_default_to_text_logs_and_vllm_names(
     assert s.log_format == "json" and s.vllm_metrics is False
     assert parse(["--vllm-metrics"]).vllm_metrics is True
 
+
+def test_every_setting_is_in_exactly_one_group_in_the_users_order() -> None:
+    listed = [name for group in SETTING_GROUPS for name in group.fields]
+    assert len(listed) == len(set(listed)), "a setting is in two groups"
+    missing = set(Settings.model_fields) - set(listed)
+    assert not missing, f"add {sorted(missing)} to a group in app/settings.py SETTING_GROUPS"
+    assert set(listed) <= set(Settings.model_fields), "SETTING_GROUPS names no such setting"
+    assert [g.title for g, _ in grouped_settings()] == ["model", "engine", "server",
+                                                        "security", "observability"]
