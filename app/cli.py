@@ -21,8 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="OpenAI-compatible server for Llama 2 GPTQ models.")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve a model over the OpenAI API",
+                           usage="%(prog)s [FLAG ...]",
                            description="Every flag is also an environment variable "
-                                       "GPTQ_<FLAG> (flags win).",
+                                       "GPTQ_<FLAG> (flags win). The flags, by group:",
                            argument_default=argparse.SUPPRESS)
     add_arguments(serve)
     synth = sub.add_parser("synth", help="write a synthetic GPTQ checkpoint (tests, demo, "

@@ -158,12 +158,29 @@ class Generation:
             m.e2e.observe(now - trace.arrival)
             m.prompt_tokens.observe(delta.num_prompt_tokens)
             m.generation_tokens.observe(delta.num_output_tokens)
-            t = delta.timings
-            if t is not None and t.first_scheduled is not None:
-                m.queue_time.observe(max(0.0, t.first_scheduled - t.arrival))
+            self._observe_phases(delta)
             if delta.finish_reason == FinishReason.ERROR:
                 log.error("request %s (engine request %s) failed in the engine: %s",
                           self.http_request_id, delta.request_id, delta.error)
+
+    def _observe_phases(self, delta: GenerationDelta) -> None:
+        """A finished request's phases, as vLLM defines them: queued until first scheduled,
+        prefill until the first token, decode until the last one. A preemption does not
+        restart a phase (it lengthens the one it interrupted); a phase whose end never came
+        (aborted while waiting) is not observed."""
+        m = self.state.metrics
+        t, num_output_tokens = delta.timings, delta.num_output_tokens
+        if t is None or t.first_scheduled is None:
+            return
+        m.queue_time.observe(max(0.0, t.first_scheduled - t.arrival))
+        if t.first_token is None or t.last_token is None:
+            return
+        decode = t.last_token - t.first_token
+        m.prefill_time.observe(t.first_token - t.first_scheduled)
+        m.decode_time.observe(decode)
+        m.inference_time.observe(t.last_token - t.first_scheduled)
+        m.time_per_output_token.observe(
+            decode / (num_output_tokens - 1) if num_output_tokens > 1 else 0.0)
 
     def _as_openai_error(self, exc: BaseException) -> BaseException:
         if isinstance(exc, OpenAIError | asyncio.CancelledError):

@@ -24,8 +24,11 @@ T = TypeVar("T")
 def build_engine(settings: Settings) -> EngineClient:
     """Load the real engine (blocking: run it in a thread). Imported here so that the app
     imports no torch until it loads a model."""
+    start = time.monotonic()
     from engine.core.async_engine import AsyncEngine
+    from engine.progress import timed_stage
 
+    timed_stage(log, "engine", start, "torch and the engine imported")
     return AsyncEngine.from_config(settings.engine_config())
 
 
@@ -42,9 +45,13 @@ async def start(state: ServerState, engine: EngineClient | None) -> None:
         state.engine = engine  # from here on, shut down with the app
         state.metrics.set_model_info(engine.model_info)
         if settings.warmup:
-            await warm_up(engine, settings.max_num_batched_tokens)
+            t_warm = time.monotonic()
+            lengths = await warm_up(engine, settings.max_num_batched_tokens)
+            log.info("warm-up: %d generations (prompts of %s tokens) in %.1f s", len(lengths),
+                     " and ".join(map(str, lengths)), time.monotonic() - t_warm,
+                     extra={"stage": "warm-up", "seconds": round(time.monotonic() - t_warm, 3)})
         state.ready = True
-        log.info("ready in %.1f s: %s", time.monotonic() - t0, engine.model_info)
+        announce(settings, engine, time.monotonic() - t0)
     except Exception as exc:
         state.load_error = f"{type(exc).__name__}: {exc}"
         log.exception("start-up failed")
@@ -80,10 +87,40 @@ async def in_daemon_thread(fn: Callable[..., T], *args: object) -> T:
     return await future
 
 
-async def warm_up(engine: EngineClient, chunk_tokens: int) -> None:
+def announce(settings: Settings, engine: EngineClient, seconds: float) -> None:
+    """The one line that says what is served where, once ready; and, for a checkpoint of
+    random weights (the demo's), that its text is gibberish."""
+    info = engine.model_info
+    kv_tokens = engine.stats().num_kv_blocks_total * settings.block_size
+    url = f"http://{display_host(settings.host)}:{settings.port}/v1"
+    branch = f"branch {info.revision}" if info.revision else "a local folder"
+    group = f"group {info.group_size}" if info.group_size is not None else "no grouping"
+    log.info("serving %s at %s: %s (%s), %d-bit, %s, act-order %s; kernels: linear %s, "
+             "attention %s on %s; KV cache %d tokens, context %d tokens; ready in %.1f s",
+             ", ".join(settings.model_names), url, info.model, branch, info.bits, group,
+             "on" if info.act_order else "off", info.linear_backend, info.attention_backend,
+             info.device, kv_tokens, info.max_model_len, seconds,
+             extra={"stage": "ready", "url": url, "kv_cache_tokens": kv_tokens,
+                    "seconds": round(seconds, 3)})
+    if info.random_weights:
+        log.warning("%s has random weights (written by `gptq-serve synth`): every endpoint "
+                    "works, but the text it generates is gibberish. Serve a trained "
+                    "checkpoint with --model (e.g. `make run`) for real answers.", info.model)
+
+
+def display_host(host: str) -> str:
+    """How to write ``host`` in a URL one can open: a wildcard address as localhost, an IPv6
+    address in brackets."""
+    if host in ("0.0.0.0", "::", ""):
+        return "localhost"
+    return f"[{host}]" if ":" in host else host
+
+
+async def warm_up(engine: EngineClient, chunk_tokens: int) -> list[int]:
     """Generations through the whole path before the first user arrives: a short prompt (decode
     kernels, graphs, sampler) and one longer than a step's token budget, so that a chunked
-    prefill compiles its kernels now rather than during someone's first request."""
+    prefill compiles its kernels now rather than during someone's first request. Returns the
+    prompts' lengths."""
     max_len = engine.model_info.max_model_len
     tok = engine.tokenizer
     params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
@@ -94,6 +131,7 @@ async def warm_up(engine: EngineClient, chunk_tokens: int) -> None:
     for i, prompt in enumerate((short, filler)):
         async for _ in engine.generate(prompt, params, f"warmup-{i}"):
             pass
+    return [len(short), len(filler)]
 
 
 async def drain(state: ServerState) -> None:

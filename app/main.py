@@ -34,7 +34,7 @@ def create_app(settings: Settings, engine: EngineClient | None = None) -> FastAP
     def stats() -> EngineStats | None:  # read at scrape time, once the engine exists
         return state.stats()
 
-    state = ServerState(settings=settings, metrics=Metrics(stats))
+    state = ServerState(settings=settings, metrics=Metrics(stats, settings))
     state.idle.set()
 
     @contextlib.asynccontextmanager

@@ -2,7 +2,8 @@
 
 Engine-side numbers (queue sizes, KV usage, token and step counters) are read from
 ``EngineClient.stats()`` at scrape time by a custom collector; per-request latencies are
-observed by the routes as deltas arrive.
+observed by the routes as deltas arrive. /metrics exposes the registry through
+``exposition``, which adds the same samples under vLLM's names (app/vllm_metrics.py).
 """
 
 from __future__ import annotations
@@ -13,11 +14,31 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from engine.outputs import EngineStats, ModelInfo
+from app.settings import Settings
+from app.vllm_metrics import (
+    VLLM_ITL_BUCKETS,
+    VLLM_REQUEST_LATENCY_BUCKETS,
+    VLLM_TOKEN_BUCKETS,
+    VLLM_TTFT_BUCKETS,
+    CacheConfig,
+    VllmExposition,
+)
+from engine.outputs import EngineStats, FinishReason, ModelInfo
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
                     1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def _with(*bucket_sets: tuple[float, ...]) -> tuple[float, ...]:
+    """Our boundaries plus vLLM's for the same metric, so each of its ``le`` values exists."""
+    return tuple(sorted({b for buckets in bucket_sets for b in buckets}))
+
+
+TTFT_BUCKETS = _with(_LATENCY_BUCKETS, VLLM_TTFT_BUCKETS)
+ITL_BUCKETS = _with(_LATENCY_BUCKETS, VLLM_ITL_BUCKETS)
+REQUEST_BUCKETS = _with(_LATENCY_BUCKETS, VLLM_REQUEST_LATENCY_BUCKETS)
+TOKEN_BUCKETS = _with(_TOKEN_BUCKETS, VLLM_TOKEN_BUCKETS)
 
 
 class EngineCollector(Collector):
@@ -62,12 +83,20 @@ def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
 
 
 class Metrics:
-    def __init__(self, stats: Callable[[], EngineStats | None]) -> None:
+    def __init__(self, stats: Callable[[], EngineStats | None], settings: Settings) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         r.register(EngineCollector(stats))
+        self.exposition = CollectorRegistry(auto_describe=False)
+        self.exposition.register(VllmExposition(
+            r, settings.model_names[0],
+            CacheConfig(settings.block_size, settings.dtype, settings.gpu_memory_utilization,
+                        settings.prefix_caching),
+            enabled=settings.vllm_metrics))
         self.request_success = Counter("gptq_request_success", "Finished requests by reason.",
                                        ["finish_reason"], registry=r)
+        for reason in FinishReason:  # every reason exported from the start, at 0
+            self.request_success.labels(finish_reason=str(reason))
         self.requests_rejected = Counter("gptq_requests_rejected", "Requests refused before "
                                          "reaching the engine, by reason.", ["reason"],
                                          registry=r)
@@ -78,17 +107,31 @@ class Metrics:
                                        "duration (streams: until the last byte).", ["route"],
                                        buckets=_LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("gptq_time_to_first_token_seconds", "Time to first token.",
-                              buckets=_LATENCY_BUCKETS, registry=r)
+                              buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram("gptq_inter_token_latency_seconds", "Time between tokens of a "
-                             "request.", buckets=_LATENCY_BUCKETS, registry=r)
+                             "request.", buckets=ITL_BUCKETS, registry=r)
         self.e2e = Histogram("gptq_e2e_request_latency_seconds", "Request latency from arrival "
-                             "to the last token.", buckets=_LATENCY_BUCKETS, registry=r)
+                             "to the last token.", buckets=REQUEST_BUCKETS, registry=r)
+        # The engine's phases of each finished request (engine timestamps; see
+        # Generation._observe_phases for what a preemption counts as).
         self.queue_time = Histogram("gptq_request_queue_time_seconds", "Time from arrival to "
-                                    "first scheduled.", buckets=_LATENCY_BUCKETS, registry=r)
+                                    "first scheduled.", buckets=REQUEST_BUCKETS, registry=r)
+        self.prefill_time = Histogram("gptq_request_prefill_time_seconds", "Time from first "
+                                      "scheduled to the first token.", buckets=REQUEST_BUCKETS,
+                                      registry=r)
+        self.decode_time = Histogram("gptq_request_decode_time_seconds", "Time from the first "
+                                     "token to the last.", buckets=REQUEST_BUCKETS, registry=r)
+        self.inference_time = Histogram("gptq_request_inference_time_seconds", "Time from first "
+                                        "scheduled to the last token.",
+                                        buckets=REQUEST_BUCKETS, registry=r)
+        self.time_per_output_token = Histogram(
+            "gptq_request_time_per_output_token_seconds", "Each request's decode time over "
+            "its tokens after the first (0 for a request of one token).", buckets=ITL_BUCKETS,
+            registry=r)
         self.prompt_tokens = Histogram("gptq_request_prompt_tokens", "Prompt tokens per "
-                                       "request.", buckets=_TOKEN_BUCKETS, registry=r)
+                                       "request.", buckets=TOKEN_BUCKETS, registry=r)
         self.generation_tokens = Histogram("gptq_request_generation_tokens", "Generated tokens "
-                                           "per request.", buckets=_TOKEN_BUCKETS, registry=r)
+                                           "per request.", buckets=TOKEN_BUCKETS, registry=r)
         self.model_info = Gauge("gptq_model_info", "The loaded model (value 1).",
                                 ["model", "revision", "bits", "group_size", "act_order",
                                  "linear_backend", "attention_backend"], registry=r)

@@ -13,6 +13,7 @@ from typing import Any
 from starlette.routing import BaseRoute, Match
 
 from app.errors import OpenAIError
+from app.logs import REQUEST_ID
 from app.state import ServerState
 
 Scope = MutableMapping[str, Any]
@@ -41,8 +42,9 @@ async def _send_error(send: Send, err: OpenAIError) -> None:
 
 class RequestIdMiddleware:
     """Gives every request an id: the client's X-Request-Id when it is a plain token, else a
-    new one. It is echoed in the X-Request-Id response header and named in the log lines of
-    any fault, so a user's report can be matched to the server's log."""
+    new one. It is echoed in the X-Request-Id response header, named in the log lines of any
+    fault and carried by every log record of the request (the ``request_id`` field of JSON
+    logs), so a user's report can be matched to the server's log."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -62,7 +64,12 @@ class RequestIdMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        # Every record logged while this request is handled carries its id (app/logs.py).
+        token = REQUEST_ID.set(request_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            REQUEST_ID.reset(token)
 
 
 class AuthMiddleware:

@@ -10,6 +10,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from app import lifecycle
+from app.logs import configure_logging
 from app.main import create_app
 from app.settings import Settings, environment_snapshot
 from app.state import ServerState
@@ -65,11 +66,12 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(settings: Settings, engine: EngineClient | None = None) -> int:
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     log.info("settings from the environment: %s", environment_snapshot())
     app = create_app(settings, engine)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port,
+    # log_config=None: uvicorn's records go through the root handler configure_logging set
+    # up (JSON lines included), not through uvicorn's own console formatter.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             log_level=settings.log_level, access_log=False,
                             timeout_keep_alive=30, timeout_graceful_shutdown=10)
     server = DrainingServer(config, app)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from engine.config import EngineConfig
@@ -104,6 +106,13 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="Run one short generation before reporting ready.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text, or one JSON object per line (for log "
+        "collectors; the request id is a field). json also turns download progress bars off, "
+        "as does a console that is not a terminal.")
+    vllm_metrics: bool = Field(True, description="Also export the metrics a vLLM dashboard, "
+                               "alert or autoscaler reads under vLLM's names (vllm:*, with "
+                               "the model_name label), beside the gptq_* ones.")
 
     @field_validator("served_model_name", "api_keys", "cors_origins", mode="before")
     @classmethod
@@ -147,6 +156,52 @@ class Settings(BaseSettings):
             enable_prefix_caching=self.prefix_caching, seed=self.seed)
 
 
+@dataclass(frozen=True)
+class SettingGroup:
+    """A heading of ``serve --help`` and of docs/configuration.md, and the settings under it."""
+
+    title: str
+    description: str
+    fields: tuple[str, ...]
+
+
+# Every setting belongs to exactly one group (tests/test_settings.py checks it), in the order
+# users look for them: what to serve, how to run it, how to reach it, who may, how to watch it.
+SETTING_GROUPS: tuple[SettingGroup, ...] = (
+    SettingGroup("model", "What to serve: the checkpoint, its branch, the names clients use.",
+                 ("model", "revision", "served_model_name", "download_dir", "offline",
+                  "chat_template")),
+    SettingGroup("engine", "How the model runs: device, kernels, batching, KV cache.",
+                 ("device", "dtype", "linear_backend", "dense_weights", "attention_backend",
+                  "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
+                  "num_kv_blocks", "gpu_memory_utilization", "kv_cache_memory_gb",
+                  "cuda_graphs", "prefix_caching", "seed", "warmup")),
+    SettingGroup("server", "The HTTP server: address, request limits, streaming, shutdown.",
+                 ("host", "port", "max_queued_requests", "max_tokens_limit",
+                  "default_max_tokens", "max_n", "max_prompts", "max_logit_bias",
+                  "max_body_bytes", "keepalive_interval", "shutdown_timeout")),
+    SettingGroup("security", "Who may call: API keys, /metrics access, CORS.",
+                 ("api_keys", "api_key_file", "metrics_require_auth", "cors_origins")),
+    SettingGroup("observability", "Logs and metrics.",
+                 ("log_level", "log_format", "vllm_metrics")),
+)
+# Where a setting no group names is shown (a test keeps this group empty).
+OTHER_GROUP = SettingGroup("other", "Settings not yet given a group.", ())
+
+
+def grouped_settings() -> list[tuple[SettingGroup, list[tuple[str, FieldInfo]]]]:
+    """Each group with its settings' fields, in group order; any setting missing from
+    SETTING_GROUPS comes last under OTHER_GROUP rather than vanishing from --help."""
+    fields = Settings.model_fields
+    listed = {name for group in SETTING_GROUPS for name in group.fields}
+    groups = [(group, [(name, fields[name]) for name in group.fields if name in fields])
+              for group in SETTING_GROUPS]
+    rest = [(name, field) for name, field in fields.items() if name not in listed]
+    if rest:
+        groups.append((OTHER_GROUP, rest))
+    return groups
+
+
 # Flag spellings that differ from the field name.
 _FLAG_NAMES = {"api_keys": "api-key"}
 
@@ -160,19 +215,29 @@ def env_name(field: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per settings field; unset flags stay absent so env vars and defaults apply."""
-    for name, field in Settings.model_fields.items():
-        help_text = f"{field.description} [env {env_name(name)}]"
-        flag = flag_name(name)
-        annotation = str(field.annotation)
-        if field.annotation is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_text)
-        elif "list" in annotation:
-            parser.add_argument(flag, dest=name, action="append", default=argparse.SUPPRESS,
-                                help=help_text + " (repeatable)")
-        else:
-            parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_text)
+    """One flag per settings field, under its group's heading; unset flags stay absent so env
+    vars and defaults apply."""
+    for group, fields in grouped_settings():
+        section = parser.add_argument_group(group.title, group.description)
+        for name, field in fields:
+            _add_flag(section, name, field)
+
+
+def _add_flag(parser: argparse._ActionsContainer, name: str, field: FieldInfo) -> None:
+    help_text = f"{field.description} [env {env_name(name)}]"
+    flag = flag_name(name)
+    if field.annotation is bool:
+        parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                            default=argparse.SUPPRESS, help=help_text)
+    elif "list" in str(field.annotation):
+        parser.add_argument(flag, dest=name, action="append", default=argparse.SUPPRESS,
+                            help=help_text + " (repeatable)")
+    elif get_origin(field.annotation) is Literal:  # show the choices; pydantic checks them
+        choices = ",".join(str(c) for c in get_args(field.annotation))
+        parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_text,
+                            metavar=f"{{{choices}}}")
+    else:
+        parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_text)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -190,15 +255,21 @@ def environment_snapshot() -> dict[str, str]:
 
 
 def settings_table() -> str:
-    """The Markdown table of every setting, as docs/configuration.md shows it (a test keeps the
-    two identical: regenerate with ``python -m app.settings``)."""
-    rows = ["| flag | environment variable | default | description |", "|---|---|---|---|"]
-    for name, field in Settings.model_fields.items():
-        default = field.default_factory() if field.default_factory else field.default
-        shown = "(none)" if default in (None, []) else f"`{default}`"
-        rows.append(f"| `{flag_name(name)}` | `{env_name(name)}` | {shown} | "
-                    f"{field.description} |")
-    return "\n".join(rows) + "\n"
+    """Every setting as docs/configuration.md shows it: one Markdown table per group, under the
+    headings ``serve --help`` uses (a test keeps the two identical: regenerate with
+    ``python -m app.settings``)."""
+    lines: list[str] = []
+    for group, fields in grouped_settings():
+        lines += [f"### {group.title.capitalize()}", "", group.description, "",
+                  "| flag | environment variable | default | description |",
+                  "|---|---|---|---|"]
+        for name, field in fields:
+            default = field.default_factory() if field.default_factory else field.default
+            shown = "(none)" if default in (None, []) else f"`{default}`"
+            lines.append(f"| `{flag_name(name)}` | `{env_name(name)}` | {shown} | "
+                         f"{field.description} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ class RequestTimings:
     first_scheduled: float | None
     first_token: float | None
     finished: float | None
+    # The step that produced the last token (differs from ``finished`` for an abort).
+    last_token: float | None = None
 
 
 @dataclass(frozen=True)
@@ -115,3 +117,5 @@ class ModelInfo:
     max_model_len: int
     vocab_size: int
     device: str
+    # A checkpoint written by `gptq-serve synth`: random weights, so its text is gibberish.
+    random_weights: bool = False

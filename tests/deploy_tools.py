@@ -192,6 +192,18 @@ CONTRACT_METRICS: tuple[MetricSpec, ...] = (
     _spec("gptq_e2e_request_latency_seconds", H), _spec("gptq_request_queue_time_seconds", H),
     _spec("gptq_request_prompt_tokens", H), _spec("gptq_request_generation_tokens", H),
     _spec("gptq_http_request_duration_seconds", H, "route"),
+    _spec("gptq_request_prefill_time_seconds", H), _spec("gptq_request_decode_time_seconds", H),
+    _spec("gptq_request_inference_time_seconds", H),
+    _spec("gptq_request_time_per_output_token_seconds", H),
+    # vLLM's names for the same samples (app/vllm_metrics.py), for manifests written for vLLM.
+    *(_spec(name, kind, "model_name", "engine", *labels) for name, kind, *labels in (
+        ("vllm:num_requests_running", G), ("vllm:num_requests_waiting", G),
+        ("vllm:kv_cache_usage_perc", G), ("vllm:prompt_tokens_total", C),
+        ("vllm:generation_tokens_total", C), ("vllm:num_preemptions_total", C),
+        ("vllm:request_success_total", C, "finished_reason"),
+        ("vllm:time_to_first_token_seconds", H), ("vllm:inter_token_latency_seconds", H),
+        ("vllm:e2e_request_latency_seconds", H), ("vllm:request_queue_time_seconds", H),
+        ("vllm:request_prompt_tokens", H), ("vllm:request_generation_tokens", H))),
 )
 
 # Labels Prometheus attaches to every scraped series (the ServiceMonitor's target labels).

@@ -40,6 +40,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine.checkpoint.marker import has_random_weights
 from engine.outputs import (
     EngineStats,
     FinishReason,
@@ -80,6 +81,7 @@ class _Request:
     num_blocks: int = 0
     first_scheduled: float | None = None
     first_token: float | None = None
+    last_token: float | None = None
     faulty: bool = False
 
 
@@ -111,7 +113,8 @@ class FakeEngine:
                          group_size=None if group == -1 else group,
                          act_order=quant["desc_act"], linear_backend="fake",
                          attention_backend="fake", max_model_len=options.max_model_len,
-                         vocab_size=tokenizer.vocab_size, device="cpu")
+                         vocab_size=tokenizer.vocab_size, device="cpu",
+                         random_weights=has_random_weights(Path(folder)))
         return cls(tokenizer, info, options)
 
     # ---- EngineClient ----------------------------------------------------------------------
@@ -223,6 +226,7 @@ class FakeEngine:
         req.output.append(token)
         self._num_generation_tokens += 1
         req.first_token = req.first_token or time.monotonic()
+        req.last_token = time.monotonic()
         eos = token == self._tokenizer.eos_token_id
         special = eos and params.skip_special_tokens
         text = "" if special else self._tokenizer.token_strings([token])[0]
@@ -296,7 +300,8 @@ class FakeEngine:
             logprobs=() if req.params.logprobs is not None else None,
             num_prompt_tokens=len(req.prompt), num_output_tokens=len(req.output),
             finish_reason=reason, stop_reason=stop_reason, error=error,
-            timings=RequestTimings(req.arrival, req.first_scheduled, req.first_token, now)))
+            timings=RequestTimings(req.arrival, req.first_scheduled, req.first_token, now,
+                                   req.last_token)))
 
 
 # ---- serving it from a real process ---------------------------------------------------------

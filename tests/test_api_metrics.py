@@ -18,6 +18,7 @@ from engine.tokenizer.tokenizer import Tokenizer
 from tests.fake_engine import ServerProcess, scrape, scrape_when_idle, sse_data
 from tests.schemas.validate import validate
 from tests.server import GreedyReference, MetricsWatch, post_ok, real_server, serving
+from tests.vllm_names import alias_problems
 
 MODEL = "tiny"
 C, CHAT = "/v1/completions", "/v1/chat/completions"
@@ -112,6 +113,41 @@ def test_counters_and_histograms_account_for_every_request_exactly(
     assert d['gptq_requests_rejected_total{reason="invalid"}'] == 2
     assert d["gptq_engine_steps_total"] >= max(outputs)
     assert d["gptq_num_preemptions_total"] == 0
+
+
+def test_vllm_names_agree_with_ours_and_count_known_traffic(server: ServerProcess,
+                                                            tokenizer: Tokenizer) -> None:
+    prompt = tokenizer.encode("Both names count these")
+    with MetricsWatch(server.url) as watch:
+        post_ok(server, C, {"model": MODEL, "prompt": prompt, "n": 2, "max_tokens": 4,
+                            "ignore_eos": True})
+        post_ok(server, C, {"model": MODEL, "prompt": prompt, "max_tokens": 1,
+                            "ignore_eos": True})
+        text = httpx.get(server.url + "/metrics").text
+    assert alias_problems(text, MODEL) == []
+    d = watch.delta
+    labels = f'{{engine="0",model_name="{MODEL}"}}'
+    length = f'{{engine="0",finished_reason="length",model_name="{MODEL}"}}'
+    assert d[f"vllm:request_success_total{length}"] == 3
+    assert d[f"vllm:prompt_tokens_total{labels}"] == 3 * len(prompt)
+    assert d[f"vllm:generation_tokens_total{labels}"] == 4 + 4 + 1
+    # A gap between consecutive tokens: 3 in each 4-token choice, none in the 1-token one.
+    for name in ("inter_token_latency_seconds", "time_per_output_token_seconds"):
+        assert d[f"vllm:{name}_count{labels}"] == 6, name
+    for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds",
+                 "request_queue_time_seconds", "request_prefill_time_seconds",
+                 "request_decode_time_seconds", "request_inference_time_seconds",
+                 "request_time_per_output_token_seconds", "request_prompt_tokens",
+                 "request_generation_tokens"):
+        assert d[f"vllm:{name}_count{labels}"] == 3, name
+    assert d[f"vllm:request_generation_tokens_sum{labels}"] == 9
+    # vLLM's phases: inference = prefill + decode; the 1-token request decodes for 0 s.
+    assert d[f"vllm:request_inference_time_seconds_sum{labels}"] == pytest.approx(
+        d[f"vllm:request_prefill_time_seconds_sum{labels}"]
+        + d[f"vllm:request_decode_time_seconds_sum{labels}"], rel=1e-6)
+    tpot_zero = f'vllm:request_time_per_output_token_seconds_bucket{{engine="0",le="0.01",' \
+                f'model_name="{MODEL}"}}'
+    assert d[tpot_zero] >= 1
 
 
 async def test_an_overfull_cache_preempts_and_every_answer_survives(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 
 from engine.checkpoint.dequant import dequantize, unpack_cols
 from engine.checkpoint.loader import load_checkpoint
+from engine.checkpoint.marker import SYNTH_MARKER_FILE, has_random_weights
 from engine.checkpoint.safetensors_stream import SafetensorsStreamWriter, TensorSpec
 from engine.checkpoint.synth import (
     SynthSpec,
@@ -60,6 +62,22 @@ def test_round_trip_for_every_branch_layout(branch: str, checkpoint_root: Path) 
     g_idx = ckpt.weights.layers[0].q_proj.g_idx
     monotone = bool((g_idx[1:] >= g_idx[:-1]).all())
     assert monotone != (act_order and group_size is not None)
+
+
+def test_synthetic_checkpoints_are_known_by_their_marker_not_their_name(
+        tiny_checkpoint: Path, tmp_path: Path) -> None:
+    marker = json.loads((tiny_checkpoint / SYNTH_MARKER_FILE).read_text())
+    assert marker["weights"] == "random" and marker["spec"]["group_size"] == 32
+    assert has_random_weights(tiny_checkpoint)
+    assert load_checkpoint(str(tiny_checkpoint), None, offline=True).random_weights
+    # The same files without the marker, in a folder named like the demo's, are taken as a
+    # trained checkpoint; so is a folder whose file of that name says something else.
+    copy = tmp_path / "demo-model"
+    shutil.copytree(tiny_checkpoint, copy)
+    (copy / SYNTH_MARKER_FILE).unlink()
+    assert not load_checkpoint(str(copy), None, offline=True).random_weights
+    (copy / SYNTH_MARKER_FILE).write_text('{"weights": "trained"}')
+    assert not has_random_weights(copy)
 
 
 def test_files_are_in_the_reference_format(tiny_checkpoint: Path) -> None:

@@ -355,6 +355,16 @@ def test_deployment_doc_covers_every_branch() -> None:
     assert "fp16" in doc and "nvidia.com/gpu" in doc
 
 
+def test_the_deployment_docs_queries_use_exported_metrics() -> None:
+    """The PromQL the guide shows (e.g. its KEDA trigger on vLLM's queue metric) names only
+    what the server exports."""
+    doc = (REPO / "docs" / "deployment.md").read_text()
+    queries = re.findall(r"^\s+query: (.+)$", doc, re.MULTILINE)
+    assert queries
+    problems = [p for query in queries for p in promql_problems(query, CONTRACT)]
+    assert not problems, problems
+
+
 @pytest.mark.parametrize(("expr", "problem"), [
     ("sum(rate(gptq_generation_token_total[5m]))", "not exported"),
     ('sum(gptq_num_requests_waiting{queue="x"})', "has no label"),

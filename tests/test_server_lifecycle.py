@@ -5,6 +5,7 @@ the exported metric names, and the `gptq-serve` command itself."""
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 import threading
@@ -15,8 +16,9 @@ import httpx
 import pytest
 
 from app.lifecycle import in_daemon_thread
-from app.settings import Settings, flag_name
+from app.settings import SETTING_GROUPS, Settings, flag_name
 from tests.fake_engine import ServerProcess, free_port, scrape
+from tests.vllm_names import alias_problems
 
 KEY = "sk-file-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -40,6 +42,10 @@ CONTRACT = {
     "gptq_request_generation_tokens": "histogram",
     "gptq_http_request_duration_seconds": "histogram", "gptq_model_info": "gauge",
     "gptq_ready": "gauge", "gptq_draining": "gauge",
+    "gptq_request_prefill_time_seconds": "histogram",
+    "gptq_request_decode_time_seconds": "histogram",
+    "gptq_request_inference_time_seconds": "histogram",
+    "gptq_request_time_per_output_token_seconds": "histogram",
 }
 
 
@@ -104,6 +110,8 @@ def test_every_contract_metric_is_exported_with_its_type(server: ServerProcess) 
     (info,) = families["gptq_model_info"].samples
     assert info.labels["linear_backend"] == "fake" and info.labels["bits"] == "4"
     assert info.labels["group_size"] == "32" and info.labels["act_order"] == "true"
+    # vLLM's names, labelled with the first served model name.
+    assert alias_problems(text, "first") == []
 
 
 def test_cors_is_served_only_to_the_configured_origin(server: ServerProcess) -> None:
@@ -124,12 +132,21 @@ def gptq_serve(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[s
     return subprocess.run([command, *argv], capture_output=True, text=True, timeout=timeout)
 
 
-def test_serve_help_lists_every_setting() -> None:
+def test_serve_help_groups_every_flag_under_its_heading() -> None:
     # That it stays fast (no torch import) is test_the_app_never_imports_torch's concern.
     out = gptq_serve("serve", "--help")
     assert out.returncode == 0
-    for name in Settings.model_fields:
-        assert flag_name(name) in out.stdout
+    text = out.stdout
+    # argparse prints each group as a "title:" line followed by the group's flags.
+    starts = [text.index(f"\n{group.title}:\n") for group in SETTING_GROUPS]
+    assert starts == sorted(starts), "groups out of order"
+    for group, start, end in zip(SETTING_GROUPS, starts, [*starts[1:], len(text)], strict=True):
+        section = text[start:end]
+        for name in group.fields:
+            flag = re.escape(flag_name(name))
+            assert re.search(rf"^ +{flag}(?=[ ,\n])", section, re.MULTILINE), \
+                f"{flag_name(name)} is not listed under {group.title}"
+    assert sum(len(g.fields) for g in SETTING_GROUPS) == len(Settings.model_fields)
 
 
 def test_the_app_never_imports_torch() -> None:

@@ -35,7 +35,8 @@ def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
     srv = ServerProcess.real(tiny_checkpoint, log, "--served-model-name", MODEL,
                              "--api-key", KEY, "--device", "cpu", "--dtype", "float32",
                              "--max-model-len", "512", "--num-kv-blocks", "512",
-                             "--max-num-seqs", "16", "--max-num-batched-tokens", "256")
+                             "--max-num-seqs", "16", "--max-num-batched-tokens", "256",
+                             "--log-format", "json")
     with srv.start(timeout=120):
         yield srv
 
@@ -146,6 +147,40 @@ async def test_64_concurrent_streams_all_finish_on_the_real_engine(server: Serve
     m = scrape_when_idle(server.url)
     assert m["gptq_kv_cache_blocks_free"] + m["gptq_kv_cache_blocks_cached"] \
         == m["gptq_kv_cache_blocks_total"]
+
+
+# Start-up stages in the order the log reports them (engine and app), each one JSON line.
+START_UP = [("app.lifecycle", "engine: "), ("engine.checkpoint.loader", "checkpoint "),
+            ("engine.checkpoint.loader", "reading weights: "),
+            ("engine.core.llm_engine", "tokenizer: "), ("engine.core.llm_engine", "model: "), ("engine.core.llm_engine", "kernels: "),
+            ("engine.core.build", "KV cache: "), ("engine.core.runner", "KV cache: "),
+            ("app.lifecycle", "warm-up: "),
+            ("app.lifecycle", "serving ")]
+
+
+def test_the_log_is_json_lines_telling_each_start_up_stage_and_no_secrets(
+        server: ServerProcess) -> None:
+    secret = "a-prompt-only-the-client-knows"
+    post(server, "/v1/completions", {"prompt": f"Tell me {secret}", "max_tokens": 2})
+    records = [json.loads(line) for line in server.log().splitlines() if line.strip()]
+    assert all({"timestamp", "level", "logger", "message"} <= r.keys() for r in records)
+    assert any(r["logger"].startswith("uvicorn") for r in records), "uvicorn's own lines"
+    stages = [next(i for i, r in enumerate(records)
+                   if r["logger"] == logger and r["message"].startswith(prefix))
+              for logger, prefix in START_UP]
+    assert stages == sorted(stages), [records[i]["message"] for i in stages]
+    weights = [r for r in records if r.get("stage") == "reading weights"]
+    assert [(r["done"], r["total"]) for r in weights] == [(1, 2), (2, 2)]  # tiny: 2 layers
+    assert 0 < weights[0]["bytes"] < weights[1]["bytes"]
+    serving = records[stages[-1]]
+    assert serving["url"] == f"{server.url}/v1" and serving["kv_cache_tokens"] == 512 * 16
+    assert f"serving {MODEL} at {server.url}/v1:" in serving["message"]
+    assert "4-bit, group 32, act-order on" in serving["message"]
+    assert "linear torch, attention torch on cpu" in serving["message"]
+    # The tiny checkpoint comes from `gptq-serve synth`: the log says its text is gibberish.
+    assert any(r["level"] == "WARNING" and "gibberish" in r["message"] for r in records)
+    text = server.log()
+    assert KEY not in text and secret not in text
 
 
 def test_metrics_describe_the_loaded_model_and_sigterm_exits_0(server: ServerProcess) -> None:

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from app.settings import Settings, add_arguments, settings_from_args, settings_table
+from app.settings import (
+    SETTING_GROUPS,
+    Settings,
+    add_arguments,
+    grouped_settings,
+    settings_from_args,
+    settings_table,
+)
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 
@@ -46,7 +53,8 @@ def test_repeatable_flags_and_key_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("argv", [["--port", "0"], ["--block-size", "12"],
                                   ["--device", "tpu"], ["--max-num-seqs", "x"],
-                                  ["--gpu-memory-utilization", "1.5"]])
+                                  ["--gpu-memory-utilization", "1.5"],
+                                  ["--log-format", "xml"]])
 def test_invalid_values_are_refused(argv: list[str]) -> None:
     with pytest.raises(ValidationError):
         parse(argv)
@@ -62,3 +70,23 @@ def test_engine_config_carries_the_engine_settings() -> None:
 def test_the_configuration_doc_lists_every_setting_as_generated() -> None:
     assert settings_table() in DOC.read_text(), \
         "docs/configuration.md is stale: regenerate the table with `python -m app.settings`"
+
+
+def test_observability_settings_default_to_text_logs_and_vllm_names(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().log_format == "text" and Settings().vllm_metrics is True
+    monkeypatch.setenv("GPTQ_LOG_FORMAT", "json")
+    monkeypatch.setenv("GPTQ_VLLM_METRICS", "false")
+    s = parse([])
+    assert s.log_format == "json" and s.vllm_metrics is False
+    assert parse(["--vllm-metrics"]).vllm_metrics is True
+
+
+def test_every_setting_is_in_exactly_one_group_in_the_users_order() -> None:
+    listed = [name for group in SETTING_GROUPS for name in group.fields]
+    assert len(listed) == len(set(listed)), "a setting is in two groups"
+    missing = set(Settings.model_fields) - set(listed)
+    assert not missing, f"add {sorted(missing)} to a group in app/settings.py SETTING_GROUPS"
+    assert set(listed) <= set(Settings.model_fields), "SETTING_GROUPS names no such setting"
+    assert [g.title for g, _ in grouped_settings()] == ["model", "engine", "server",
+                                                        "security", "observability"]

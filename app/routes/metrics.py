@@ -16,4 +16,4 @@ async def metrics(request: Request) -> Response:
     m = state.metrics
     m.ready.set(1 if state.ready and not state.draining else 0)
     m.draining.set(1 if state.draining else 0)
-    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(m.exposition), media_type=CONTENT_TYPE_LATEST)

@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 from engine.checkpoint.arch import read_arch_config, read_quant_config
 from engine.checkpoint.hub import resolve_checkpoint
+from engine.checkpoint.marker import has_random_weights
 from engine.checkpoint.types import (
     CheckpointError,
     GPTQLinearWeights,
@@ -29,6 +30,7 @@ from engine.checkpoint.types import (
     LoadedCheckpoint,
     QuantConfig,
 )
+from engine.progress import StageProgress, size
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +53,14 @@ def load_folder(folder: Path) -> LoadedCheckpoint:
         raise CheckpointError(f"{folder}: no tokenizer (expected {' or '.join(TOKENIZER_FILES)})")
     files = weight_files(folder)
     source = str(files[0]) if len(files) == 1 else f"{folder} (*.safetensors)"
+    log.info("checkpoint %s: %d weight file%s, %s; %d layers, hidden %d; %d-bit, group %s, "
+             "act-order %s", folder, len(files), "" if len(files) == 1 else "s",
+             size(sum(f.stat().st_size for f in files)), arch.num_layers, arch.hidden_size,
+             quant.bits, quant.group_size or "none", "on" if quant.desc_act else "off")
     with SafetensorsFiles(files) as tensors:
         weights = load_from_tensors(arch, quant, tensors, source)
-    return LoadedCheckpoint(path=str(folder), arch=arch, quant=quant, weights=weights)
+    return LoadedCheckpoint(path=str(folder), arch=arch, quant=quant, weights=weights,
+                            random_weights=has_random_weights(folder))
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -132,6 +139,7 @@ class _Reader:
         self.tensors = tensors
         self.source = source
         self.used: set[str] = set()
+        self.num_bytes = 0  # of the tensors read so far (progress lines)
 
     def get(self, name: str, dtypes: tuple[torch.dtype, ...], shape: tuple[int, ...],
             hint: str = "") -> torch.Tensor:
@@ -147,6 +155,7 @@ class _Reader:
     def _check(self, name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...],
                shape: tuple[int, ...], hint: str) -> torch.Tensor:
         self.used.add(name)
+        self.num_bytes += t.numel() * t.element_size()
         if t.dtype not in dtypes:
             want = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
             raise CheckpointError(f"{self.source}: tensor {name} has dtype "
@@ -199,6 +208,7 @@ def load_from_tensors(arch: LlamaArchConfig, quant: QuantConfig,
     r = _Reader(tensors, source)
     h, v, inter = arch.hidden_size, arch.vocab_size, arch.intermediate_size
     q_out, kv_out = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    progress = StageProgress(log, "reading weights", arch.num_layers, "layers")
     embed = r.get("model.embed_tokens.weight", FLOAT_DTYPES, (v, h))
     layers = []
     for n in range(arch.num_layers):
@@ -214,11 +224,13 @@ def load_from_tensors(arch: LlamaArchConfig, quant: QuantConfig,
             gate_proj=_linear(r, quant, f"{p}.mlp.gate_proj", h, inter),
             up_proj=_linear(r, quant, f"{p}.mlp.up_proj", h, inter),
             down_proj=_linear(r, quant, f"{p}.mlp.down_proj", inter, h)))
+        progress.advance(r.num_bytes)
     norm = r.get("model.norm.weight", FLOAT_DTYPES, (h,))
     if arch.tie_word_embeddings and "lm_head.weight" not in tensors:
         lm_head = embed
     else:
         lm_head = r.get("lm_head.weight", FLOAT_DTYPES, (v, h))
+    progress.finish(r.num_bytes)
     unused = [name for name in tensors if name not in r.used]
     if unused:
         # e.g. rotary inv_freq buffers some exporters save; harmless, but worth a trace.

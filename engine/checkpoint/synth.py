@@ -34,6 +34,7 @@ from engine.checkpoint.arch import (
     write_json,
 )
 from engine.checkpoint.dequant import act_order_g_idx, default_g_idx, quantize_gptq
+from engine.checkpoint.marker import write_synth_marker
 from engine.checkpoint.safetensors_stream import SafetensorsStreamWriter, TensorSpec
 from engine.checkpoint.synth_tokenizer import train_tokenizer
 from engine.checkpoint.types import LlamaArchConfig, QuantConfig
@@ -220,6 +221,9 @@ def synthesize(spec: SynthSpec, out_dir: Path) -> None:
         "_from_model_config": True, "bos_token_id": arch.bos_token_id,
         "eos_token_id": arch.eos_token_id, "pad_token_id": 0,
         "transformers_version": "4.32.0.dev0"})
+    write_synth_marker(out_dir, {"preset": spec.preset, "bits": spec.bits,
+                                 "group_size": spec.group_size, "act_order": spec.act_order,
+                                 "seed": spec.seed})
     config = arch_to_config_json(arch, quant_to_json(quant, info, with_method=True),
                                  f"synthetic/llama-2-{spec.preset}")
     write_json(out_dir / CONFIG_FILE, config)
@@ -251,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"gptq-serve synth: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out} ({spec.preset}, {spec.bits}-bit, group "
-          f"{spec.group_size or 'none'}, act-order {'on' if spec.act_order else 'off'})")
+          f"{spec.group_size or 'none'}, act-order {'on' if spec.act_order else 'off'}; "
+          "random weights: its text is gibberish)")
     return 0
 

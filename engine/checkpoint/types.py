@@ -93,3 +93,5 @@ class LoadedCheckpoint:
     arch: LlamaArchConfig
     quant: QuantConfig
     weights: LlamaWeights
+    # Written by `gptq-serve synth` (engine/checkpoint/marker.py): its text is gibberish.
+    random_weights: bool = False

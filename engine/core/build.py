@@ -94,6 +94,6 @@ def num_kv_blocks(config: EngineConfig, arch: LlamaArchConfig, device: torch.dev
             f"the KV cache holds {blocks} blocks of {config.block_size} tokens, fewer than one "
             f"sequence of max_model_len={max_model_len} needs ({needed}); lower max_model_len "
             f"or give the cache more memory")
-    log.info("KV cache: %d blocks x %d tokens (%.2f GiB)", blocks, config.block_size,
-             blocks * per_block / (1 << 30))
+    log.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB)", blocks,
+             config.block_size, blocks * config.block_size, blocks * per_block / (1 << 30))
     return blocks

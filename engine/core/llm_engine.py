@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from engine.model.cuda_graphs import DecodeGraphConfig
 from engine.model.llama import LlamaModel
 from engine.outputs import FinishReason, GenerationDelta, ModelInfo
 from engine.params import SamplingParams
+from engine.progress import timed_stage
 from engine.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -81,13 +83,21 @@ class LLMEngine:
                                download_dir=config.download_dir, offline=config.offline)
         arch = ckpt.arch
         max_model_len = config.max_model_len or arch.max_position_embeddings
+        start = time.monotonic()
         tokenizer = Tokenizer.from_pretrained(ckpt.path)
+        timed_stage(log, "tokenizer", start, f"vocabulary of {tokenizer.vocab_size} loaded")
         linear = make_linear_backend(config, ckpt.quant, device, dtype)
         attention = make_attention_backend(config, device)
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        start = time.monotonic()
         model = LlamaModel(arch, ckpt.weights, linear, attention, dtype, device,
                            max_position=max(max_model_len, arch.max_position_embeddings))
+        timed_stage(log, "model", start, f"{arch.num_layers} layers on {device} "
+                    f"({str(dtype).removeprefix('torch.')}) built")
+        start = time.monotonic()
         linear.post_init(config.max_num_batched_tokens)
+        timed_stage(log, "kernels", start, f"linear {linear.name}, attention {attention.name} "
+                    "set up")
         model_bytes = (torch.cuda.memory_allocated(device) - before
                        if device.type == "cuda" else None)
         if model_bytes is not None:
@@ -108,7 +118,7 @@ class LLMEngine:
                          group_size=ckpt.quant.group_size, act_order=ckpt.quant.desc_act,
                          linear_backend=linear.name, attention_backend=attention.name,
                          max_model_len=max_model_len, vocab_size=tokenizer.vocab_size,
-                         device=str(device))
+                         device=str(device), random_weights=ckpt.random_weights)
         log.info("engine ready: %s", info)
         return cls(info, tokenizer, scheduler, runner, model_bytes)
 

@@ -25,6 +25,7 @@ class RequestState:
     prompt_logprobs: list[TokenLogprob | None] | None
     prompt_logprobs_sent: bool = False
     first_token_time: float | None = None
+    last_token_time: float | None = None
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     pending_text: list[str] = field(default_factory=list)
@@ -62,6 +63,7 @@ class OutputProcessor:
         now = time.monotonic()
         if state.first_token_time is None:
             state.first_token_time = now
+        state.last_token_time = now
 
         text = ""
         if token_id == self.tokenizer.eos_token_id and not params.ignore_eos:
@@ -116,7 +118,8 @@ class OutputProcessor:
             timings = RequestTimings(arrival=seq.arrival_time,
                                      first_scheduled=seq.first_scheduled_time,
                                      first_token=state.first_token_time,
-                                     finished=time.monotonic())
+                                     finished=time.monotonic(),
+                                     last_token=state.last_token_time)
         return GenerationDelta(
             request_id=seq.request_id,
             token_ids=token_ids,

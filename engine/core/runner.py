@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +13,10 @@ from engine.core.scheduler import ScheduledSeq, SchedulerOutput
 from engine.model.cuda_graphs import DecodeGraphConfig, DecodeGraphs
 from engine.model.llama import KVCache, LlamaModel
 from engine.outputs import TokenLogprob
+from engine.progress import timed_stage
 from engine.sampling.sampler import Sampler, SamplingRow
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,9 @@ class ModelRunner:
         # With decode graphs, one block past the pool (never handed out by the block manager)
         # takes the K/V writes of padding rows.
         extra = 0 if graphs is None else 1
+        start = time.monotonic()
         self.kv_caches = allocate_kv_caches(model, num_blocks + extra, block_size)
+        timed_stage(log, "KV cache", start, f"{num_blocks} blocks allocated on {model.device}")
         self.graphs: DecodeGraphs | None = None
         if graphs is not None:
             self.graphs = DecodeGraphs(model, self.kv_caches, graphs, block_size,

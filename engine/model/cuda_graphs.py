@@ -19,12 +19,14 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
 
 from engine.model.attention.base import AttentionMetadata
 from engine.model.llama import KVCache, LlamaModel
+from engine.progress import timed_stage
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +83,10 @@ class DecodeGraphs:
 
     def capture(self) -> None:
         """Capture every bucket, largest first (later captures reuse its pool memory)."""
+        start = time.monotonic()
         for bucket in reversed(self.buckets):
             self._capture(bucket)
-        log.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
+        timed_stage(log, "CUDA graphs", start, f"decode captured for batch sizes {self.buckets}")
 
     def _meta(self, bucket: int) -> AttentionMetadata:
         s = self.static
