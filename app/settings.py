@@ -99,6 +99,16 @@ class Settings(BaseSettings):
     max_logit_bias: int = Field(300, ge=0, description="Most logit_bias entries.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body; "
                                 "larger ones get 413.")
+    max_grammar_bytes: int = Field(64 * 1024, ge=256, description="Largest structured-output "
+                                   "constraint (a JSON schema, regex, choice list, grammar, or "
+                                   "the grammar of forced tool calls), in bytes; larger ones "
+                                   "get 400.")
+    grammar_compile_timeout: float = Field(10.0, gt=0, description="Seconds a constraint's "
+                                           "grammar may take to compile (when it is checked, "
+                                           "and again in the engine) before the request is "
+                                           "refused with 400.")
+    grammar_cache_size: int = Field(256, ge=1, description="Compiled grammars the engine keeps "
+                                    "for reuse (keyed by the constraint's kind and text).")
     keepalive_interval: float = Field(10.0, gt=0, description="Seconds between SSE keep-alive "
                                       "comments while a stream waits for tokens.")
     shutdown_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests get to "
@@ -153,7 +163,9 @@ class Settings(BaseSettings):
             linear_backend=self.linear_backend, dense_weights=self.dense_weights,
             attention_backend=self.attention_backend,
             dtype=self.dtype, cuda_graphs=self.cuda_graphs,
-            enable_prefix_caching=self.prefix_caching, seed=self.seed)
+            enable_prefix_caching=self.prefix_caching, seed=self.seed,
+            grammar_compile_timeout=self.grammar_compile_timeout,
+            grammar_cache_size=self.grammar_cache_size)
 
 
 @dataclass(frozen=True)
