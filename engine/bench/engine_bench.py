@@ -7,7 +7,9 @@ shape (Triton compiles a kernel the first time it meets a new configuration).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import random
 import statistics
 import time
@@ -20,9 +22,20 @@ from engine.core.batch import build_step_inputs
 from engine.core.llm_engine import LLMEngine
 from engine.core.scheduler import ScheduledSeq, SchedulerOutput
 from engine.core.sequence import Sequence
-from engine.params import SamplingParams
+from engine.params import Constraint, ConstraintKind, SamplingParams
 
 _probe_ids = itertools.count(1 << 40)
+
+# The constrained rows' schema: a few structured fields (integers with a range, an array of
+# enums), then a string that cannot close before 100000 characters, so every row decodes
+# exactly as many tokens as the unconstrained run while its mask is computed every step.
+BENCH_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": ["id", "tags", "notes"],
+    "properties": {
+        "id": {"type": "integer", "minimum": 0, "maximum": 999999},
+        "tags": {"type": "array", "items": {"enum": ["alpha", "beta", "gamma"]},
+                 "maxItems": 3},
+        "notes": {"type": "string", "minLength": 100000}}}
 
 
 @dataclass(frozen=True)
@@ -47,11 +60,12 @@ def greedy(new_tokens: int) -> SamplingParams:
 
 
 def decode_run(engine: LLMEngine, prompts: list[list[int]], new_tokens: int,
-               tag: str) -> DecodeRun:
+               tag: str, constraint: Constraint | None = None) -> DecodeRun:
     """All prompts submitted at once; decode throughput is measured from the step at which the
     last sequence got its first token (all prefills done) to the end."""
+    params = dataclasses.replace(greedy(new_tokens), constraint=constraint)
     for i, prompt in enumerate(prompts):
-        engine.add_request(f"{tag}-{i}", prompt, greedy(new_tokens))
+        engine.add_request(f"{tag}-{i}", prompt, params)
     started: set[str] = set()
     t_all_started: float | None = None
     tokens = 0
@@ -85,6 +99,36 @@ def time_to_first_token_ms(engine: LLMEngine, prompt: list[int], reps: int = 5) 
         if r > 0:  # the first is the warm-up
             times.append(elapsed * 1e3)
     return statistics.median(times)
+
+
+@dataclass(frozen=True)
+class StructuredResults:
+    """Decode at the same streams with and without a JSON schema on every row, same engine,
+    alternating runs; each is the best of ``reps``."""
+
+    plain: DecodeRun
+    constrained: DecodeRun
+
+    @property
+    def slowdown(self) -> float:
+        return 1.0 - self.constrained.tokens_per_s / self.plain.tokens_per_s
+
+
+def bench_structured(engine: LLMEngine, streams: int, prompt_len: int, new_tokens: int,
+                     reps: int = 3) -> StructuredResults:
+    prompts = make_prompts(streams, prompt_len, engine.tokenizer.vocab_size, seed=streams + 7)
+    constraint = Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(BENCH_SCHEMA), "bench")
+    best: dict[bool, DecodeRun] = {}
+    for rep in range(reps + 1):  # the first round warms both up (and compiles the grammar)
+        for constrained in (False, True):
+            run = decode_run(engine, prompts, new_tokens if rep else 4,
+                             f"s{rep}{int(constrained)}", constraint if constrained else None)
+            if rep and (constrained not in best
+                        or run.tokens_per_s > best[constrained].tokens_per_s):
+                best[constrained] = run
+    if best[True].decode_tokens != best[False].decode_tokens:
+        raise RuntimeError("a constrained row finished early; the runs are not comparable")
+    return StructuredResults(best[False], best[True])
 
 
 @dataclass(frozen=True)

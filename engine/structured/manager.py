@@ -73,6 +73,11 @@ class StructuredOutputs:
     def num_compiling(self) -> int:
         return len(self._compiling)
 
+    @property
+    def grammar_count(self) -> int:
+        """Matchers held for admitted sequences (0 once every constrained request ended)."""
+        return len(self._grammars)
+
     def add(self, seq: Sequence) -> SequenceGrammar | None:
         """Start ``seq``'s grammar. Returns its matcher at once when the compile is cached (the
         caller schedules it now); None means it compiles and ``poll`` will return it."""
