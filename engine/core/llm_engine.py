@@ -224,6 +224,7 @@ class LLMEngine:
     def _postprocess(self, out: SchedulerOutput, result: StepResult) -> list[GenerationDelta]:
         self.counters.num_steps += 1
         deltas: list[GenerationDelta] = []
+        accepted = self._advance_grammars(out, result)
         for s, sampled in zip(out.scheduled, result.sampled, strict=True):
             state = self._states[s.seq.request_id]
             if s.seq.seq_id in result.prompt_logprobs:
@@ -234,11 +235,21 @@ class LLMEngine:
             if s.seq.num_output_tokens == 0:
                 # Counted once, when the prefill completes (not again after a preemption).
                 self.counters.num_prompt_tokens += s.seq.num_prompt_tokens
-            delta = self.outputs.on_token(state, sampled)
+            delta = self.outputs.on_token(state, sampled, accepted.get(s.seq.seq_id))
             if delta.finished:
                 self._release(state)
             deltas.append(delta)
         return deltas
+
+    def _advance_grammars(self, out: SchedulerOutput, result: StepResult) -> dict[int, bool]:
+        """Advance every constrained sequence's matcher by its new token, all at once in the
+        grammar engine's threads; seq_id -> whether the grammar took it."""
+        if self.structured.grammar_count == 0:
+            return {}
+        pairs = [(s.seq.seq_id, sampled.token_id)
+                 for s, sampled in zip(out.scheduled, result.sampled, strict=True)
+                 if sampled is not None]
+        return self.structured.advance(pairs)
 
     def _finish(self, state: RequestState, reason: FinishReason,
                 error: str | None = None) -> GenerationDelta:

@@ -57,12 +57,15 @@ class OutputProcessor:
             return
         held.extend(entries[:state.seq.num_prompt_tokens - len(held)])
 
-    def on_token(self, state: RequestState, sampled: SampledToken) -> GenerationDelta:
+    def on_token(self, state: RequestState, sampled: SampledToken,
+                 grammar_accepted: bool | None = None) -> GenerationDelta:
         """Append a sampled token, apply every stop rule, and build the delta.
 
         A constrained request also ends (stop) once its grammar is complete with nothing but
         EOS allowed after it: the text is then exactly a string the grammar accepts. Running
-        out of max_tokens before that is ``length``, never ``stop``.
+        out of max_tokens before that is ``length``, never ``stop``. ``grammar_accepted``: the
+        matcher was already advanced by this token (the engine does a step's at once) and
+        this is what it said; None advances it here.
         """
         seq = state.seq
         params = seq.params
@@ -75,7 +78,9 @@ class OutputProcessor:
 
         text = ""
         error = None
-        if state.grammar is not None and not state.grammar.accept(token_id):
+        if grammar_accepted is None and state.grammar is not None:
+            grammar_accepted = state.grammar.accept(token_id)
+        if state.grammar is not None and not grammar_accepted:
             # The sampler masked every token the grammar refuses: this is an engine fault.
             state.finish_reason = FinishReason.ERROR
             error = f"the grammar refused sampled token {token_id}: {state.grammar.error}"

@@ -9,6 +9,7 @@ as soon as its compile is done.
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
@@ -32,7 +33,8 @@ class StructuredConfig:
     compile_timeout_s: float = 10.0
     cache_size: int = 256
     compile_workers: int = 2
-    # Threads computing token masks (None: llguidance's default, 80% of the cores up to 32).
+    # Threads computing token masks and advancing matchers (None: 80% of the cores, at most
+    # 32, as llguidance sizes its pool); 1 does it on the engine thread.
     mask_threads: int | None = None
 
 
@@ -61,7 +63,8 @@ class StructuredOutputs:
                                                     eos_token=tokenizer.eos_token_id)
         self.compiler = GrammarCompiler(ll_tokenizer, config.limits, config.compile_workers,
                                         config.cache_size)
-        self.executor = llguidance.LLExecutor(config.mask_threads)
+        threads = config.mask_threads or default_mask_threads()
+        self.executor = llguidance.LLExecutor(threads) if threads > 1 else None
         self._compiling: dict[int, _Compiling] = {}  # seq_id ->, in arrival order
         self._grammars: dict[int, SequenceGrammar] = {}  # seq_id -> of admitted sequences
 
@@ -117,6 +120,16 @@ class StructuredOutputs:
                     c.constraint.param, code="grammar_too_complex")))
         return Admitted(ready, refused)
 
+    def advance(self, tokens: list[tuple[int, int]]) -> dict[int, bool]:
+        """Consume each (seq_id, token) of a step in the sequence's matcher, the constrained
+        ones only, in parallel; seq_id -> whether its grammar accepted the token."""
+        pairs = [(seq_id, self._grammars[seq_id], token) for seq_id, token in tokens
+                 if seq_id in self._grammars]
+        if self.executor is None or len(pairs) == 1:
+            return {seq_id: grammar.accept(token) for seq_id, grammar, token in pairs}
+        ok = self.executor.consume_token_par([(g.matcher, t) for _, g, t in pairs])
+        return {seq_id: accepted for (seq_id, _, _), accepted in zip(pairs, ok, strict=True)}
+
     def grammar(self, seq_id: int) -> SequenceGrammar | None:
         return self._grammars.get(seq_id)
 
@@ -140,6 +153,10 @@ class StructuredOutputs:
         grammar = SequenceGrammar(future.result().deep_copy())
         self._grammars[seq.seq_id] = grammar
         return grammar
+
+
+def default_mask_threads() -> int:
+    return max(1, min(32, int(0.8 * (os.cpu_count() or 1))))
 
 
 def _as_grammar_error(error: BaseException, constraint: Constraint) -> GrammarError:

@@ -43,8 +43,10 @@ class StepGrammars:
     """The grammars of one step's constrained sequences, by index into
     ``SchedulerOutput.scheduled``; built only when some sampling sequence has one."""
 
-    def __init__(self, executor: llguidance.LLExecutor,
+    def __init__(self, executor: llguidance.LLExecutor | None,
                  by_scheduled_index: dict[int, SequenceGrammar]) -> None:
+        # None: compute the masks on the calling thread (a pool of one thread only adds a
+        # hand-off, which on a busy machine waits for the scheduler).
         self.executor = executor
         self.by_scheduled_index = by_scheduled_index
 
@@ -64,6 +66,10 @@ class StepGrammars:
             assert bitmask.is_contiguous() and bitmask.dtype.itemsize == 4
             assert bitmask.device.type == "cpu" and bitmask.shape[0] == len(matchers)
             row_bytes = bitmask.shape[1] * 4
+            if self.executor is None or len(matchers) == 1:
+                for j, m in enumerate(matchers):
+                    m.unsafe_compute_mask_ptr(bitmask.data_ptr() + j * row_bytes, row_bytes)
+                return
             self.executor.unsafe_compute_mask_ptr(
                 [(m, j) for j, m in enumerate(matchers)], bitmask.data_ptr(), row_bytes,
                 len(matchers))
