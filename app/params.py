@@ -5,7 +5,7 @@ from __future__ import annotations
 from app.errors import OpenAIError, bad_request
 from app.protocol.common import SamplingFields
 from app.settings import Settings
-from engine.params import SamplingParams, SamplingParamsError
+from engine.params import Constraint, SamplingParams, SamplingParamsError
 
 MAX_STOP = 4
 
@@ -88,7 +88,8 @@ def resolve_max_tokens(requested: int | None, param: str, prompt_len: int, max_m
 
 def sampling_params(req: SamplingFields, *, max_tokens: int, seed: int | None,
                     extra_stop: tuple[str, ...] = (), logprobs: int | None = None,
-                    prompt_logprobs: int | None = None) -> SamplingParams:
+                    prompt_logprobs: int | None = None,
+                    constraint: Constraint | None = None) -> SamplingParams:
     stops = normalise_stop(req.stop) + tuple(s for s in extra_stop
                                              if s not in normalise_stop(req.stop))
     try:
@@ -111,6 +112,7 @@ def sampling_params(req: SamplingFields, *, max_tokens: int, seed: int | None,
             stop=stops,
             skip_special_tokens=True if req.skip_special_tokens is None
             else req.skip_special_tokens,
+            constraint=constraint,
         )
     except SamplingParamsError as exc:
         raise bad_request(str(exc), exc.param) from exc

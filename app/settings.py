@@ -99,6 +99,16 @@ class Settings(BaseSettings):
     max_logit_bias: int = Field(300, ge=0, description="Most logit_bias entries.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body; "
                                 "larger ones get 413.")
+    max_grammar_bytes: int = Field(64 * 1024, ge=256, description="Largest structured-output "
+                                   "constraint (a JSON schema, regex, choice list, grammar, or "
+                                   "the grammar of forced tool calls), in bytes; larger ones "
+                                   "get 400.")
+    grammar_compile_timeout: float = Field(10.0, gt=0, description="Seconds a constraint's "
+                                           "grammar may take to compile (when it is checked, "
+                                           "and again in the engine) before the request is "
+                                           "refused with 400.")
+    grammar_cache_size: int = Field(256, ge=1, description="Compiled grammars the engine keeps "
+                                    "for reuse (keyed by the constraint's kind and text).")
     keepalive_interval: float = Field(10.0, gt=0, description="Seconds between SSE keep-alive "
                                       "comments while a stream waits for tokens.")
     shutdown_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests get to "
@@ -153,7 +163,9 @@ class Settings(BaseSettings):
             linear_backend=self.linear_backend, dense_weights=self.dense_weights,
             attention_backend=self.attention_backend,
             dtype=self.dtype, cuda_graphs=self.cuda_graphs,
-            enable_prefix_caching=self.prefix_caching, seed=self.seed)
+            enable_prefix_caching=self.prefix_caching, seed=self.seed,
+            grammar_compile_timeout=self.grammar_compile_timeout,
+            grammar_cache_size=self.grammar_cache_size)
 
 
 @dataclass(frozen=True)
@@ -175,11 +187,12 @@ SETTING_GROUPS: tuple[SettingGroup, ...] = (
                  ("device", "dtype", "linear_backend", "dense_weights", "attention_backend",
                   "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                   "num_kv_blocks", "gpu_memory_utilization", "kv_cache_memory_gb",
-                  "cuda_graphs", "prefix_caching", "seed", "warmup")),
+                  "cuda_graphs", "prefix_caching", "grammar_cache_size", "seed", "warmup")),
     SettingGroup("server", "The HTTP server: address, request limits, streaming, shutdown.",
                  ("host", "port", "max_queued_requests", "max_tokens_limit",
                   "default_max_tokens", "max_n", "max_prompts", "max_logit_bias",
-                  "max_body_bytes", "keepalive_interval", "shutdown_timeout")),
+                  "max_body_bytes", "max_grammar_bytes", "grammar_compile_timeout",
+                  "keepalive_interval", "shutdown_timeout")),
     SettingGroup("security", "Who may call: API keys, /metrics access, CORS.",
                  ("api_keys", "api_key_file", "metrics_require_auth", "cors_origins")),
     SettingGroup("observability", "Logs and metrics.",

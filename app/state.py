@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 from app.errors import OpenAIError
 from app.metrics import Metrics
 from app.settings import Settings
+from app.structured import ConstraintChecker
 from app.templates import ChatTemplate
 from engine.client import EngineClient
 from engine.outputs import EngineStats
+from engine.structured.grammar import GrammarLimits
 
 
 @dataclass
@@ -30,6 +32,12 @@ class ServerState:
     # app counts these itself because the engine's stats lag by up to one step.
     awaiting_first_token: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set from the settings in __post_init__.
+    constraints: ConstraintChecker = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.constraints = ConstraintChecker(GrammarLimits(), self.settings.max_grammar_bytes,
+                                             self.settings.grammar_compile_timeout)
 
     def stats(self) -> EngineStats | None:
         return self.engine.stats() if self.engine is not None else None

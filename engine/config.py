@@ -49,6 +49,10 @@ class EngineConfig:
     # prompts start with the same tokens (automatic prefix caching).
     enable_prefix_caching: bool = True
     seed: int = 0
+    # Seconds a constrained request's grammar may take to compile before it is refused.
+    grammar_compile_timeout: float = 10.0
+    # Compiled grammars kept for reuse, keyed by (kind, text).
+    grammar_cache_size: int = 256
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -70,6 +74,11 @@ class EngineConfig:
                               f"{self.gpu_memory_utilization}")
         if self.kv_cache_memory_gb <= 0:
             raise ConfigError(f"kv_cache_memory_gb must be positive, got {self.kv_cache_memory_gb}")
+        if self.grammar_compile_timeout <= 0:
+            raise ConfigError("grammar_compile_timeout must be positive, got "
+                              f"{self.grammar_compile_timeout}")
+        if self.grammar_cache_size < 1:
+            raise ConfigError(f"grammar_cache_size must be positive, got {self.grammar_cache_size}")
         _one_of("device", self.device, ("auto", "cpu", "cuda"))
         _one_of("linear_backend", self.linear_backend, ("auto", "torch", "triton", "exllama"))
         _one_of("attention_backend", self.attention_backend, ("auto", "torch", "triton"))

@@ -5,6 +5,7 @@ Torch-free on purpose: the HTTP layer builds these from OpenAI requests.
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,6 +15,34 @@ MAX_STOP_STRINGS = 16
 # torch.Generator.manual_seed takes a signed or unsigned 64-bit value; keep seeds (and the
 # seed + i of n > 1 choices) well inside that.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+
+class ConstraintKind(enum.StrEnum):
+    """What the text of a ``Constraint`` is."""
+
+    JSON_SCHEMA = "json_schema"  # a JSON Schema, as JSON text
+    JSON_OBJECT = "json_object"  # any JSON object; the text is empty
+    REGEX = "regex"  # a regular expression the whole output must match
+    CHOICE = "choice"  # a JSON array of strings: the output is exactly one of them
+    GRAMMAR = "grammar"  # a Lark grammar (llguidance's dialect), or GBNF
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """The shape the generated text must have, enforced token by token by a grammar.
+
+    Torch-free and picklable: it travels from the HTTP layer to the engine inside
+    SamplingParams. ``(kind, text)`` identifies the compiled grammar (the engine's cache key);
+    ``param`` only names the request field it came from, for error messages.
+    """
+
+    kind: ConstraintKind
+    text: str = ""
+    param: str = field(default="response_format", compare=False)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.kind.value, self.text)
 
 
 class SamplingParamsError(ValueError):
@@ -52,6 +81,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
     skip_special_tokens: bool = True
+    # Constrained decoding: every generated token keeps the output a prefix of a string the
+    # constraint accepts, and the request stops when nothing else can follow.
+    constraint: Constraint | None = None
 
     def __post_init__(self) -> None:
         _check(self.max_tokens >= 1, "max_tokens", "max_tokens must be at least 1")

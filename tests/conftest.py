@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -10,6 +12,9 @@ from engine.checkpoint.synth_tokenizer import train_tokenizer
 from engine.config import EngineConfig
 from engine.tokenizer.tokenizer import Tokenizer
 from tests.checkpoints import make_checkpoint
+
+if TYPE_CHECKING:
+    from tests.fake_engine import ServerProcess
 
 # The eight quantisation layouts of TheBloke/Llama-2-13B-GPTQ's branches: (bits, group, act-order)
 BRANCHES = {
@@ -56,3 +61,20 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tok(tokenizer_dir: Path) -> Tokenizer:
     return Tokenizer.from_pretrained(str(tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def structured_server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+                      ) -> Iterator[ServerProcess]:
+    """The real ``gptq-serve serve`` over the tiny checkpoint, shared by the structured-output
+    and tool-calling suites (one model load for both)."""
+    # Imported here: the schema checker they pull in is not needed by the GPU-only suites.
+    from tests.server import real_server, serving
+
+    log = tmp_path_factory.mktemp("structured") / "server.log"
+    srv = real_server(tiny_checkpoint, log, "--served-model-name", "tiny",
+                      "--max-model-len", "2048", "--num-kv-blocks", "1024",
+                      "--max-num-seqs", "16", "--max-tokens-limit", "600",
+                      "--max-grammar-bytes", "8192")
+    with serving(srv):
+        yield srv

@@ -154,7 +154,7 @@ class FakeEngine:
     async def generate(self, prompt_token_ids: Sequence[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[GenerationDelta]:
         prompt = list(prompt_token_ids)
-        self._validate(prompt, request_id)
+        self._validate(prompt, params, request_id)
         req = _Request(request_id, prompt, params,
                        random.Random(params.seed) if params.seed is not None else random.Random(),
                        StopStringMatcher(params.stop) if params.stop else None,
@@ -180,7 +180,7 @@ class FakeEngine:
 
     # ---- the step loop ---------------------------------------------------------------------
 
-    def _validate(self, prompt: list[int], request_id: str) -> None:
+    def _validate(self, prompt: list[int], params: SamplingParams, request_id: str) -> None:
         if not self._alive:
             raise RuntimeError("the engine is not running")
         if request_id in self._requests:
@@ -189,6 +189,8 @@ class FakeEngine:
             raise ValueError("the prompt is empty")
         if any(not 0 <= t < self._tokenizer.vocab_size for t in prompt):
             raise ValueError("a prompt token id is outside the vocabulary")
+        if params.constraint is not None:  # its words would not follow any grammar
+            raise ValueError("the fake engine does not decode under a grammar")
         if len(prompt) >= self.options.max_model_len:
             raise ValueError(f"the prompt has {len(prompt)} tokens; the model takes at most "
                              f"{self.options.max_model_len - 1}")

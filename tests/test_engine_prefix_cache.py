@@ -16,6 +16,7 @@ from engine.core.runner import StepResult
 from engine.core.scheduler import SchedulerOutput
 from engine.outputs import FinishReason, GenerationDelta, TokenLogprob
 from engine.params import SamplingParams
+from engine.structured.matchers import StepGrammars
 from tests.block_invariants import check_block_invariants, check_writes_are_private
 from tests.conftest import cpu_engine_config
 from tests.engine_helpers import output_tokens, run_to_completion
@@ -64,9 +65,9 @@ def run_checked(engine_: LLMEngine, requests: Requests, abort_at: dict[str, int]
     sched = engine_.scheduler
     run = engine_.runner.run
 
-    def run_step(out: SchedulerOutput) -> StepResult:
+    def run_step(out: SchedulerOutput, grammars: StepGrammars | None = None) -> StepResult:
         check_writes_are_private(out, sched.block_manager)
-        return run(out)
+        return run(out, grammars)
 
     engine_.runner.run = run_step  # type: ignore[method-assign]
     for rid, (prompt, params) in requests.items():

@@ -10,24 +10,24 @@ from app.protocol.common import SamplingFields, Usage
 
 
 class ChatCompletionRequest(SamplingFields):
-    # Messages are checked by hand (app.routes.chat.parse_messages) to give OpenAI's errors.
+    # Messages are checked by hand (app.messages.parse_messages) to give OpenAI's errors.
     messages: list[Any]
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    # Not supported: a non-empty value is refused with the parameter named.
+    # Tool calling; checked by hand in app.tools.
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    # Not supported: a non-empty value is refused with the parameter named.
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
     audio: Any = None
     modalities: list[str] | None = None
     prediction: Any = None
     web_search_options: Any = None
     moderation: Any = None
     # Accepted and ignored: they change nothing for a local model.
-    parallel_tool_calls: bool | None = None
     metadata: dict[str, Any] | None = None
     store: bool | None = None
     service_tier: str | None = None
@@ -57,10 +57,22 @@ class ChoiceLogprobs(BaseModel):
     refusal: list[TokenLogprobOut] | None = None
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: str = "function"
+    function: FunctionCallOut
+
+
 class ChatMessageOut(BaseModel):
     role: str = "assistant"
     content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):

@@ -48,6 +48,15 @@ class SamplingFields(RequestModel):
     min_tokens: int | None = None
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
+    # Structured outputs (checked by hand in app.structured, for errors that name the field):
+    # OpenAI's response_format (an extension on /v1/completions), vLLM's structured_outputs
+    # and its older guided_* fields.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class PromptTokensDetails(BaseModel):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -25,6 +24,8 @@ from app.protocol.chat import (
     ChatCompletionResponse,
     ChatMessageOut,
     ChoiceLogprobs,
+    FunctionCallOut,
+    ToolCallOut,
 )
 from app.protocol.common import Usage, new_id, now
 from app.routes.common import (
@@ -37,73 +38,30 @@ from app.routes.common import (
     system_fingerprint,
     usage,
 )
-from app.templates import ChatMessage
+from app.state import ServerState
+from app.structured import request_constraint
+from app.tool_calls import (
+    CallArguments,
+    CallStart,
+    Content,
+    Event,
+    ToolCallStream,
+    split_tool_calls,
+)
+from app.tools import ToolRequest, answer_schema_text, parse_tools
 from engine.client import EngineClient
-from engine.outputs import GenerationDelta
+from engine.outputs import FinishReason, GenerationDelta
+from engine.params import Constraint
 
 router = APIRouter()
 MAX_TOP_LOGPROBS = 20
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-
-
-def parse_messages(raw: list[Any]) -> list[ChatMessage]:
-    if not raw:
-        raise bad_request("'messages' must not be empty", "messages")
-    out = []
-    for i, m in enumerate(raw):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise bad_request(f"{where} must be an object", where)
-        role = m.get("role")
-        if role in ("tool", "function"):
-            raise refuse(f"{where}.role", f"'{role}' messages need tool calling")
-        if role not in _ROLES:
-            raise bad_request(f"{where}.role must be one of system, developer, user, "
-                              f"assistant; got {role!r}", f"{where}.role")
-        if m.get("tool_calls"):
-            raise refuse(f"{where}.tool_calls", "tool calling is not available")
-        extra = set(m) - {"role", "content", "name", "refusal", "tool_calls", "function_call"}
-        if extra:
-            raise bad_request(f"unrecognized field(s) in {where}: {', '.join(sorted(extra))}",
-                              where)
-        out.append(ChatMessage(_ROLES[role], _content_text(m.get("content"), role,
-                                                            f"{where}.content")))
-    return out
-
-
-def _content_text(content: Any, role: str, where: str) -> str:
-    if content is None:
-        if role == "assistant":
-            return ""
-        raise bad_request(f"{where} is required", where)
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise bad_request(f"{where} must be a string or a list of content parts", where)
-    texts = []
-    for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind in ("image_url", "input_audio", "file", "refusal", "image", "audio"):
-            raise refuse(f"{where}[{j}]", f"'{kind}' content; this model reads text only")
-        else:
-            raise bad_request(f"{where}[{j}] must be a text part "
-                              "({\"type\": \"text\", \"text\": ...})", f"{where}[{j}]")
-    return "".join(texts)
 
 
 def check_unsupported(body: ChatCompletionRequest) -> None:
-    if body.tools:
-        raise refuse("tools", "tool calling is not available")
-    if body.tool_choice not in (None, "none", "auto"):
-        raise refuse("tool_choice", "tool calling is not available")
     if body.functions:
-        raise refuse("functions", "function calling is not available")
+        raise refuse("functions", "the deprecated functions API (use tools)")
     if body.function_call not in (None, "none", "auto"):
-        raise refuse("function_call", "function calling is not available")
-    if body.response_format is not None and body.response_format.get("type") != "text":
-        raise refuse("response_format", "only {\"type\": \"text\"} is available")
+        raise refuse("function_call", "the deprecated functions API (use tool_choice)")
     if body.audio is not None or (body.modalities and set(body.modalities) - {"text"}):
         raise refuse("modalities" if body.audio is None else "audio", "text output only")
     if body.prediction is not None:
@@ -131,33 +89,65 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                         else (body.max_tokens, "max_tokens"))
     max_len = engine.model_info.max_model_len
     check_limits(body, state.settings, engine.tokenizer.vocab_size, max_len, requested, param)
-    rendered = render_chat(state, body.messages)
+    tools = parse_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
+    constraint = await chat_constraint(state, body, tools)
+    rendered = render_chat(state, body.messages, tools.template_prompt())
     prompt_ids = encode_text(engine, rendered.text, "messages", rendered.add_special_tokens)
     n = 1 if body.n is None else body.n
     max_tokens = resolve_max_tokens(requested, param, len(prompt_ids), max_len, state.settings,
                                     prompt_param="messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    # The template's stop strings keep a free-running model from writing the next turn; a
+    # grammar decides where a constrained output ends, and a stop string inside it (a JSON
+    # string may well contain "### User:") would cut it.
+    extra_stop = () if constraint is not None else rendered.stop
     jobs = [ChoiceJob(j, prompt_ids, sampling_params(body, max_tokens=max_tokens, seed=seed,
-                                                     extra_stop=rendered.stop,
-                                                     logprobs=logprobs))
+                                                     extra_stop=extra_stop, logprobs=logprobs,
+                                                     constraint=constraint))
             for j, seed in enumerate(seeds_for(body.seed, n))]
     generation = Generation(state, engine, jobs, http_request_id=http_request_id(request))
-    ctx = _Context(engine, body, len(prompt_ids), n, new_id("chatcmpl"), now())
+    ctx = _Context(engine, body, len(prompt_ids), n, new_id("chatcmpl"), now(), tools)
     if body.stream:
         return sse.EventStreamResponse(_stream(ctx, generation), generation.release)
     results = await run_until_disconnect(request.is_disconnected, generation)
-    return JSONResponse(_response(ctx, results).model_dump())
+    return JSONResponse(response_body(_response(ctx, results)))
+
+
+async def chat_constraint(state: ServerState, body: ChatCompletionRequest,
+                          tools: ToolRequest) -> Constraint | None:
+    """The output constraint: a forced tool call's grammar, the request's own constraint, or
+    (auto tool choice with a JSON response_format) calls or an answer of that format."""
+    own = request_constraint(body)
+    if tools.forced:
+        # response_format shapes an answer, and a forced call leaves no answer: nothing to do.
+        if own is not None and own.param != "response_format":
+            raise bad_request(f"'{own.param}' cannot be combined with tool_choice "
+                              f"{tools.mode!r}: the tool call decides the output", own.param)
+        constraint = tools.constraint()
+    elif own is not None and tools.active and (answer := answer_schema_text(own)) is not None:
+        constraint = tools.constraint(answer)
+    else:
+        constraint = own
+    if constraint is not None:
+        await state.constraints.check(constraint)
+    return constraint
 
 
 class _Context:
     def __init__(self, engine: EngineClient, body: ChatCompletionRequest, num_prompt: int,
-                 n: int, request_id: str, created: int) -> None:
+                 n: int, request_id: str, created: int, tools: ToolRequest) -> None:
         self.engine = engine
         self.body = body
         self.num_prompt = num_prompt
         self.n = n
         self.id = request_id
         self.created = created
+        self.tools = tools
+
+    def tool_stream(self) -> ToolCallStream | None:
+        if not self.tools.active:
+            return None
+        return ToolCallStream(self.tools.names, self.tools.forced)
 
     def logprobs(self, delta: GenerationDelta) -> dict | None:
         if not self.body.logprobs:
@@ -191,42 +181,94 @@ def _response(ctx: _Context, results: dict[int, list[GenerationDelta]]
             entries = [e for d in deltas for e in (d.logprobs or ())]
             logprobs = ChoiceLogprobs(content=chat_entries(ctx.engine.tokenizer, entries),
                                       refusal=None)
-        choices.append(ChatChoice(index=index, message=ChatMessageOut(
-            content="".join(d.text for d in deltas)), logprobs=logprobs,
-            finish_reason=openai_finish_reason(final)))
+        text = "".join(d.text for d in deltas)
+        message = ChatMessageOut(content=text)
+        finish = openai_finish_reason(final)
+        if ctx.tools.active:
+            content, calls = split_tool_calls(text, ctx.tools.names, ctx.tools.forced)
+            if calls:
+                message = ChatMessageOut(content=content.strip() or None, tool_calls=[
+                    ToolCallOut(id=c.id, function=FunctionCallOut(
+                        name=c.name, arguments=c.arguments)) for c in calls])
+                finish = tool_finish_reason(final, True)
+        choices.append(ChatChoice(index=index, message=message, logprobs=logprobs,
+                                  finish_reason=finish))
     return ChatCompletionResponse(id=ctx.id, created=ctx.created, model=ctx.body.model,
                                   system_fingerprint=system_fingerprint(ctx.engine),
                                   choices=choices, usage=ctx.usage(finals))
+
+
+def tool_finish_reason(final: GenerationDelta, called: bool) -> str | None:
+    """OpenAI's finish_reason: "tool_calls" when the output is complete and called tools;
+    "length" when it was cut, whatever it holds."""
+    if called and final.finish_reason == FinishReason.STOP:
+        return "tool_calls"
+    return openai_finish_reason(final)
+
+
+def response_body(response: ChatCompletionResponse) -> dict:
+    """The JSON body: a message without tool calls has no tool_calls key (the schema's
+    tool_calls is an array, never null)."""
+    out = response.model_dump()
+    for choice in out["choices"]:
+        if choice["message"]["tool_calls"] is None:
+            del choice["message"]["tool_calls"]
+    return out
 
 
 async def _stream(ctx: _Context, generation: Generation) -> AsyncIterator[str]:
     include_usage = bool(ctx.body.stream_options and ctx.body.stream_options.include_usage)
     finals: dict[int, GenerationDelta] = {}
     keepalive = generation.state.settings.keepalive_interval
-    # OpenAI sends the role first, with empty content, for every choice.
+    parsers = {job.index: ctx.tool_stream() for job in generation.jobs}
+    # OpenAI sends the role first, with empty content (null when a tool call is forced).
+    first = {"role": "assistant", "content": None if ctx.tools.forced else ""}
     for job in generation.jobs:
-        yield sse.event(ctx.chunk([{"index": job.index, "delta": {"role": "assistant",
-                                                                   "content": ""},
-                                    "logprobs": None, "finish_reason": None}],
-                                  with_usage_key=include_usage))
+        yield sse.event(ctx.chunk([{"index": job.index, "delta": first, "logprobs": None,
+                                    "finish_reason": None}], with_usage_key=include_usage))
     try:
         async for item in generation.stream(keepalive):
             if item is None:
                 yield sse.KEEPALIVE_COMMENT
                 continue
             index, delta = item
-            if delta.text or delta.logprobs:
-                yield sse.event(ctx.chunk([{"index": index, "delta": {"content": delta.text},
-                                            "logprobs": ctx.logprobs(delta),
+            parser = parsers[index]
+            deltas = (_tool_deltas(parser, delta) if parser is not None
+                      else [{"content": delta.text}] if delta.text or delta.logprobs else [])
+            logprobs = ctx.logprobs(delta) if delta.logprobs else None
+            if logprobs is not None and not deltas:
+                deltas = [{}]
+            for k, d in enumerate(deltas):
+                yield sse.event(ctx.chunk([{"index": index, "delta": d,
+                                            "logprobs": logprobs if k == 0 else None,
                                             "finish_reason": None}],
                                           with_usage_key=include_usage))
             if delta.finished:
                 finals[index] = delta
+                called = parser is not None and bool(parser.calls)
                 yield sse.event(ctx.chunk([{"index": index, "delta": {}, "logprobs": None,
-                                            "finish_reason": openai_finish_reason(delta)}],
+                                            "finish_reason": tool_finish_reason(delta, called)}],
                                           with_usage_key=include_usage))
         if include_usage:
             yield sse.event(ctx.chunk([], usage=ctx.usage(finals)))
     except OpenAIError as err:
         yield sse.error_event(err)
     yield sse.DONE
+
+
+def _tool_deltas(parser: ToolCallStream, delta: GenerationDelta) -> list[dict]:
+    """Stream deltas of one engine delta's text, shaped as OpenAI's: a call's first delta has
+    its index, id, type, name and empty arguments; later ones carry argument fragments."""
+    events: list[Event] = parser.feed(delta.text)
+    if delta.finished:
+        events += parser.finish()
+    out: list[dict] = []
+    for e in events:
+        if isinstance(e, Content):
+            out.append({"content": e.text})
+        elif isinstance(e, CallStart):
+            out.append({"tool_calls": [{"index": e.index, "id": e.id, "type": "function",
+                                        "function": {"name": e.name, "arguments": ""}}]})
+        elif isinstance(e, CallArguments):
+            out.append({"tool_calls": [{"index": e.index, "function": {"arguments": e.text}}]})
+    return out

@@ -10,7 +10,7 @@ from fastapi import Request
 from app.errors import OpenAIError, bad_request
 from app.protocol.common import PromptTokensDetails, Usage
 from app.state import ServerState
-from app.templates import RenderedPrompt, TemplateError
+from app.templates import RenderedPrompt, TemplateError, ToolPrompt
 from engine.client import EngineClient
 from engine.outputs import GenerationDelta
 
@@ -82,12 +82,13 @@ def usage(prompt_tokens: int, finals: Mapping[int, GenerationDelta], n: int) -> 
                  prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(cached.values())))
 
 
-def render_chat(state: ServerState, raw_messages: list[Any]) -> RenderedPrompt:
+def render_chat(state: ServerState, raw_messages: list[Any],
+                tools: ToolPrompt | None = None) -> RenderedPrompt:
     """Messages -> the template's prompt; a conversation the template refuses is a 400."""
-    from app.routes.chat import parse_messages
+    from app.messages import parse_messages
 
     assert state.template is not None
     try:
-        return state.template.render(parse_messages(raw_messages))
+        return state.template.render(parse_messages(raw_messages), tools)
     except TemplateError as exc:
         raise bad_request(str(exc), "messages") from exc

@@ -35,6 +35,7 @@ from app.routes.common import (
     system_fingerprint,
     usage,
 )
+from app.structured import request_constraint
 from engine.client import EngineClient
 from engine.outputs import GenerationDelta
 
@@ -95,6 +96,9 @@ async def create_completion(body: CompletionRequest, request: Request):  # noqa:
     max_len = engine.model_info.max_model_len
     check_limits(body, state.settings, engine.tokenizer.vocab_size, max_len, body.max_tokens,
                  "max_tokens")
+    constraint = request_constraint(body)
+    if constraint is not None:
+        await state.constraints.check(constraint)
     prompts = parse_prompts(engine, body.prompt, state.settings.max_prompts)
     jobs: list[ChoiceJob] = []
     for i, prompt in enumerate(prompts):
@@ -104,7 +108,7 @@ async def create_completion(body: CompletionRequest, request: Request):  # noqa:
             params = sampling_params(
                 body, max_tokens=max_tokens, seed=seed, logprobs=body.logprobs,
                 prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None
-                else None)
+                else None, constraint=constraint)
             jobs.append(ChoiceJob(i * n + j, prompt.token_ids, params))
     generation = Generation(state, engine, jobs, http_request_id=http_request_id(request))
     ctx = _Context(engine, body, prompts, n, new_id("cmpl"), now())

@@ -14,32 +14,35 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from engine.bench import engine_mode, kernels, prefix_bench, server_bench
+from engine.bench import engine_mode, kernels, prefix_bench, server_bench, structured_mode
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("mode", nargs="?", default="engine",
-                   choices=["engine", "server", "kernels", "prefix"],
+                   choices=["engine", "server", "kernels", "prefix", "structured"],
                    help="engine: our engine, exllamav2's generator and the bandwidth ceiling on "
                         "one checkpoint; server: a streaming load client against a running "
                         "server (vLLM's TTFT/TPOT/ITL/latency/throughput); kernels: copy "
                         "bandwidth, exllama crossover per 13B layer shape, paged attention; "
                         "prefix: prefix caching on and off on a shared system prompt and on "
-                        "unique prompts (GPU or CPU)")
+                        "unique prompts (GPU or CPU); structured: decode with and without a "
+                        "JSON schema on every row (GPU or CPU)")
     p.add_argument("--json-out", default=None, help="also write the rows to this JSON file")
     engine_mode.configure_parser(p)
     server_bench.configure_parser(p)
     kernels.configure_parser(p)
     prefix_bench.configure_parser(p)
+    structured_mode.configure_parser(p)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.mode == "server":
         # The GPU is the server's; this process only sends requests.
         return _print(args.base_url, args, server_bench.run(args))
-    if args.mode == "prefix":
+    if args.mode in ("prefix", "structured"):
         device = prefix_bench.resolve_device(args.device)
-        return _print(prefix_bench.device_name(device), args, prefix_bench.run(args))
+        run_mode = prefix_bench.run if args.mode == "prefix" else structured_mode.run
+        return _print(prefix_bench.device_name(device), args, run_mode(args))
     import torch
 
     if not torch.cuda.is_available():

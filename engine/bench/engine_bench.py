@@ -7,7 +7,9 @@ shape (Triton compiles a kernel the first time it meets a new configuration).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import random
 import statistics
 import time
@@ -20,9 +22,20 @@ from engine.core.batch import build_step_inputs
 from engine.core.llm_engine import LLMEngine
 from engine.core.scheduler import ScheduledSeq, SchedulerOutput
 from engine.core.sequence import Sequence
-from engine.params import SamplingParams
+from engine.params import Constraint, ConstraintKind, SamplingParams
 
 _probe_ids = itertools.count(1 << 40)
+
+# The constrained rows' schema: a few structured fields (integers with a range, an array of
+# enums), then a string that cannot close before 100000 characters, so every row decodes
+# exactly as many tokens as the unconstrained run while its mask is computed every step.
+BENCH_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": ["id", "tags", "notes"],
+    "properties": {
+        "id": {"type": "integer", "minimum": 0, "maximum": 999999},
+        "tags": {"type": "array", "items": {"enum": ["alpha", "beta", "gamma"]},
+                 "maxItems": 3},
+        "notes": {"type": "string", "minLength": 100000}}}
 
 
 @dataclass(frozen=True)
@@ -30,10 +43,17 @@ class DecodeRun:
     batch: int
     decode_tokens: int  # tokens generated once every sequence had its first token
     decode_s: float  # wall time of those steps
+    # CPU time this process spent in them (every thread): on a shared CPU machine, a figure
+    # other work disturbs far less than wall time.
+    decode_cpu_s: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:
         return self.decode_tokens / self.decode_s
+
+    @property
+    def tokens_per_cpu_s(self) -> float:
+        return self.decode_tokens / self.decode_cpu_s if self.decode_cpu_s else 0.0
 
 
 def make_prompts(count: int, length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
@@ -47,13 +67,15 @@ def greedy(new_tokens: int) -> SamplingParams:
 
 
 def decode_run(engine: LLMEngine, prompts: list[list[int]], new_tokens: int,
-               tag: str) -> DecodeRun:
+               tag: str, constraint: Constraint | None = None) -> DecodeRun:
     """All prompts submitted at once; decode throughput is measured from the step at which the
     last sequence got its first token (all prefills done) to the end."""
+    params = dataclasses.replace(greedy(new_tokens), constraint=constraint)
     for i, prompt in enumerate(prompts):
-        engine.add_request(f"{tag}-{i}", prompt, greedy(new_tokens))
+        engine.add_request(f"{tag}-{i}", prompt, params)
     started: set[str] = set()
     t_all_started: float | None = None
+    cpu_all_started = 0.0
     tokens = 0
     now = time.perf_counter()
     while engine.has_work:
@@ -64,10 +86,11 @@ def decode_run(engine: LLMEngine, prompts: list[list[int]], new_tokens: int,
             continue
         started.update(d.request_id for d in deltas)
         if len(started) == len(prompts):
-            t_all_started = now
+            t_all_started, cpu_all_started = now, time.process_time()
     if t_all_started is None or tokens == 0:
         raise RuntimeError("the run ended before any pure decode step")
-    return DecodeRun(len(prompts), tokens, now - t_all_started)
+    return DecodeRun(len(prompts), tokens, now - t_all_started,
+                     time.process_time() - cpu_all_started)
 
 
 def time_to_first_token_ms(engine: LLMEngine, prompt: list[int], reps: int = 5) -> float:
@@ -85,6 +108,48 @@ def time_to_first_token_ms(engine: LLMEngine, prompt: list[int], reps: int = 5) 
         if r > 0:  # the first is the warm-up
             times.append(elapsed * 1e3)
     return statistics.median(times)
+
+
+@dataclass(frozen=True)
+class StructuredResults:
+    """Decode at the same streams with and without a JSON schema on every row, same engine,
+    alternating runs; each is the best of ``reps``."""
+
+    plain: DecodeRun
+    constrained: DecodeRun
+    # The runs that used the least CPU time per token (the same runs, or others).
+    plain_cpu: DecodeRun
+    constrained_cpu: DecodeRun
+
+    @property
+    def slowdown(self) -> float:
+        return 1.0 - self.constrained.tokens_per_s / self.plain.tokens_per_s
+
+    @property
+    def cpu_slowdown(self) -> float:
+        return 1.0 - self.constrained_cpu.tokens_per_cpu_s / self.plain_cpu.tokens_per_cpu_s
+
+
+def bench_structured(engine: LLMEngine, streams: int, prompt_len: int, new_tokens: int,
+                     reps: int = 3) -> StructuredResults:
+    prompts = make_prompts(streams, prompt_len, engine.tokenizer.vocab_size, seed=streams + 7)
+    constraint = Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(BENCH_SCHEMA), "bench")
+    best: dict[bool, DecodeRun] = {}
+    best_cpu: dict[bool, DecodeRun] = {}
+    for rep in range(reps + 1):  # the first round warms both up (and compiles the grammar)
+        for constrained in (False, True):
+            run = decode_run(engine, prompts, new_tokens if rep else 4,
+                             f"s{rep}{int(constrained)}", constraint if constrained else None)
+            if not rep:
+                continue
+            if constrained not in best or run.tokens_per_s > best[constrained].tokens_per_s:
+                best[constrained] = run
+            if (constrained not in best_cpu
+                    or run.tokens_per_cpu_s > best_cpu[constrained].tokens_per_cpu_s):
+                best_cpu[constrained] = run
+    if best[True].decode_tokens != best[False].decode_tokens:
+        raise RuntimeError("a constrained row finished early; the runs are not comparable")
+    return StructuredResults(best[False], best[True], best_cpu[False], best_cpu[True])
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ import torch
 
 from engine.bench.ceiling import Ceiling, copy_bandwidth_gbps, kv_bytes_per_token, weight_bytes
 from engine.bench.engine_bench import (
+    StructuredResults,
     bench_engine,
+    bench_structured,
     last_logits,
     make_prompts,
     profile_decode_step,
@@ -75,6 +77,7 @@ def run(args: argparse.Namespace) -> list[Row]:
         raise SystemExit(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")
     prompt = None
     our_logits = None
+    structured: StructuredResults | None = None  # the first backend's
     gpu_step_ms = None
     rows: list[Row] = []
     results = {}
@@ -93,6 +96,9 @@ def run(args: argparse.Namespace) -> list[Row]:
         if i == 0:
             prompt = make_prompts(1, args.prompt_len, engine.tokenizer.vocab_size, seed=1)[0]
             our_logits = last_logits(engine, prompt[:64])
+            if 0 < args.structured_streams <= max(batches):
+                structured = bench_structured(engine, args.structured_streams, args.prompt_len,
+                                              args.new_tokens, args.structured_reps)
             if args.profile_out:
                 gpu_step_ms = profile_decode_step(engine, prompt, args.profile_out)
         blocks = engine.scheduler.block_manager
@@ -144,4 +150,9 @@ def run(args: argparse.Namespace) -> list[Row]:
         if batch == 1 and exl2 is not None:
             rows.append(Row(f"decode {label} (exllamav2 generator)", exl2.decode_tokens_per_s,
                             "tok/s"))
+    if structured is not None:
+        from engine.bench.structured_mode import rows as structured_rows
+
+        rows += [Row(f"[{names[0]}] {r.what}", r.value, r.unit)
+                 for r in structured_rows(structured, args.structured_streams)]
     return head + rows

@@ -127,9 +127,11 @@ class AsyncEngine:
                 out = self._drain_inbox()
                 if engine.has_work:
                     out.extend(self._step())
+                    out.extend(engine.take_refused())
                 self._stats = self._snapshot(alive=True)
                 self._deliver(out)
             self._deliver(engine.abort_all(FinishReason.ABORT, "the server is shutting down"))
+            engine.structured.shutdown()
         except BaseException:
             log.exception("the engine loop died")
             raise
@@ -181,7 +183,8 @@ class AsyncEngine:
         blocks = engine.scheduler.block_manager
         return EngineStats(
             num_running=len(engine.scheduler.running),
-            num_waiting=len(engine.scheduler.waiting) + self._num_pending_adds,
+            num_waiting=(len(engine.scheduler.waiting) + engine.structured.num_compiling
+                         + self._num_pending_adds),
             num_kv_blocks_total=blocks.num_blocks,
             num_kv_blocks_free=blocks.num_free_blocks,
             num_kv_blocks_cached=blocks.num_cached_blocks,

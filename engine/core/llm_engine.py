@@ -35,9 +35,15 @@ from engine.model.llama import LlamaModel
 from engine.outputs import FinishReason, GenerationDelta, ModelInfo
 from engine.params import SamplingParams
 from engine.progress import timed_stage
+from engine.structured.grammar import GrammarError, GrammarLimits
+from engine.structured.manager import StructuredConfig, StructuredOutputs
 from engine.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+# How long a step with nothing to run waits for a compiling grammar before it returns (the
+# engine loop then looks at its inbox and calls step again).
+_COMPILE_POLL_S = 0.005
 
 
 class PromptError(ValueError):
@@ -62,17 +68,21 @@ class EngineCounters:
 
 class LLMEngine:
     def __init__(self, model_info: ModelInfo, tokenizer: Tokenizer, scheduler: Scheduler,
-                 runner: ModelRunner, model_memory_bytes: int | None = None) -> None:
+                 runner: ModelRunner, model_memory_bytes: int | None = None,
+                 structured: StructuredConfig | None = None) -> None:
         self.model_info = model_info
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self.runner = runner
         self.max_model_len = model_info.max_model_len
         self.outputs = OutputProcessor(tokenizer, self.max_model_len)
+        self.structured = StructuredOutputs(tokenizer, structured or StructuredConfig())
         self.counters = EngineCounters()
         # Device memory the weights (and the linear kernels' scratch) took, when on a GPU.
         self.model_memory_bytes = model_memory_bytes
         self._states: dict[str, RequestState] = {}
+        # Requests whose grammar failed to compile, for the caller to fail (take_refused).
+        self._refused: list[tuple[str, GrammarError]] = []
         self._seq_ids = itertools.count()
 
     @classmethod
@@ -120,11 +130,15 @@ class LLMEngine:
                          max_model_len=max_model_len, vocab_size=tokenizer.vocab_size,
                          device=str(device), random_weights=ckpt.random_weights)
         log.info("engine ready: %s", info)
-        return cls(info, tokenizer, scheduler, runner, model_bytes)
+        structured = StructuredConfig(
+            limits=GrammarLimits(), compile_timeout_s=config.grammar_compile_timeout,
+            cache_size=config.grammar_cache_size)
+        return cls(info, tokenizer, scheduler, runner, model_bytes, structured)
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        """Requests to step, or grammars still compiling for some."""
+        return self.scheduler.has_work or self.structured.has_compiling
 
     def validate_prompt(self, prompt_token_ids: Seq[int]) -> None:
         if not prompt_token_ids:
@@ -148,8 +162,20 @@ class LLMEngine:
         self.validate_prompt(prompt_token_ids)
         seq = Sequence(next(self._seq_ids), request_id, list(prompt_token_ids), params,
                        extra_hash_key=extra_hash_key)
-        self._states[request_id] = self.outputs.new_state(seq)
-        self.scheduler.add(seq)
+        state = self.outputs.new_state(seq)
+        self._states[request_id] = state
+        if params.constraint is None:
+            self.scheduler.add(seq)
+            return
+        state.grammar = self.structured.add(seq)
+        if state.grammar is not None:  # compiled before (cached)
+            self.scheduler.add(seq)
+
+    def take_refused(self) -> list[tuple[str, GrammarError]]:
+        """Requests that ended because their grammar could not be compiled (a time or size
+        limit), with the error to give their caller; each is reported once."""
+        refused, self._refused = self._refused, []
+        return refused
 
     def abort_request(self, request_id: str) -> GenerationDelta | None:
         """End a request now; returns its final ABORT delta, or None if it is not running."""
@@ -172,18 +198,33 @@ class LLMEngine:
             old.num_blocks, old.block_size, old.enable_caching if enable is None else enable)
 
     def step(self) -> list[GenerationDelta]:
+        if self.structured.has_compiling:
+            self._admit_compiled()
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
-        result = self.runner.run(out)
+        result = self.runner.run(out, self.structured.for_step(out))
         self.counters.num_prompt_tokens_computed += sum(s.num_new_prompt_tokens
                                                         for s in out.scheduled)
         self.scheduler.on_step_done(out)
         return self._postprocess(out, result)
 
+    def _admit_compiled(self) -> None:
+        """Schedule the requests whose grammar is ready; refuse those whose compile failed.
+        With nothing else to run, wait a moment for a compile rather than spin."""
+        idle = not self.scheduler.has_work
+        admitted = self.structured.poll(_COMPILE_POLL_S if idle else 0.0)
+        for seq in admitted.ready:
+            self._states[seq.request_id].grammar = self.structured.grammar(seq.seq_id)
+            self.scheduler.add(seq)
+        for seq, error in admitted.refused:
+            self._refused.append((seq.request_id, error))
+            self._release(self._states[seq.request_id])
+
     def _postprocess(self, out: SchedulerOutput, result: StepResult) -> list[GenerationDelta]:
         self.counters.num_steps += 1
         deltas: list[GenerationDelta] = []
+        accepted = self._advance_grammars(out, result)
         for s, sampled in zip(out.scheduled, result.sampled, strict=True):
             state = self._states[s.seq.request_id]
             if s.seq.seq_id in result.prompt_logprobs:
@@ -194,11 +235,21 @@ class LLMEngine:
             if s.seq.num_output_tokens == 0:
                 # Counted once, when the prefill completes (not again after a preemption).
                 self.counters.num_prompt_tokens += s.seq.num_prompt_tokens
-            delta = self.outputs.on_token(state, sampled)
+            delta = self.outputs.on_token(state, sampled, accepted.get(s.seq.seq_id))
             if delta.finished:
                 self._release(state)
             deltas.append(delta)
         return deltas
+
+    def _advance_grammars(self, out: SchedulerOutput, result: StepResult) -> dict[int, bool]:
+        """Advance every constrained sequence's matcher by its new token, all at once in the
+        grammar engine's threads; seq_id -> whether the grammar took it."""
+        if self.structured.grammar_count == 0:
+            return {}
+        pairs = [(s.seq.seq_id, sampled.token_id)
+                 for s, sampled in zip(out.scheduled, result.sampled, strict=True)
+                 if sampled is not None]
+        return self.structured.advance(pairs)
 
     def _finish(self, state: RequestState, reason: FinishReason,
                 error: str | None = None) -> GenerationDelta:
@@ -209,4 +260,5 @@ class LLMEngine:
     def _release(self, state: RequestState) -> None:
         self.scheduler.finish(state.seq)
         self.runner.release(state.seq.seq_id)
+        self.structured.release(state.seq.seq_id)
         del self._states[state.seq.request_id]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from engine.core.runner import SampledToken
 from engine.core.sequence import Sequence
 from engine.outputs import FinishReason, GenerationDelta, RequestTimings, TokenLogprob
+from engine.structured.matchers import SequenceGrammar
 from engine.tokenizer.detokenizer import IncrementalDetokenizer
 from engine.tokenizer.stop import StopStringMatcher
 from engine.tokenizer.tokenizer import Tokenizer
@@ -29,6 +30,8 @@ class RequestState:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     pending_text: list[str] = field(default_factory=list)
+    # The matcher of a constrained request, set when its grammar is ready.
+    grammar: SequenceGrammar | None = None
 
 
 class OutputProcessor:
@@ -54,8 +57,16 @@ class OutputProcessor:
             return
         held.extend(entries[:state.seq.num_prompt_tokens - len(held)])
 
-    def on_token(self, state: RequestState, sampled: SampledToken) -> GenerationDelta:
-        """Append a sampled token, apply every stop rule, and build the delta."""
+    def on_token(self, state: RequestState, sampled: SampledToken,
+                 grammar_accepted: bool | None = None) -> GenerationDelta:
+        """Append a sampled token, apply every stop rule, and build the delta.
+
+        A constrained request also ends (stop) once its grammar is complete with nothing but
+        EOS allowed after it: the text is then exactly a string the grammar accepts. Running
+        out of max_tokens before that is ``length``, never ``stop``. ``grammar_accepted``: the
+        matcher was already advanced by this token (the engine does a step's at once) and
+        this is what it said; None advances it here.
+        """
         seq = state.seq
         params = seq.params
         token_id = sampled.token_id
@@ -66,12 +77,22 @@ class OutputProcessor:
         state.last_token_time = now
 
         text = ""
-        if token_id == self.tokenizer.eos_token_id and not params.ignore_eos:
+        error = None
+        if grammar_accepted is None and state.grammar is not None:
+            grammar_accepted = state.grammar.accept(token_id)
+        if state.grammar is not None and not grammar_accepted:
+            # The sampler masked every token the grammar refuses: this is an engine fault.
+            state.finish_reason = FinishReason.ERROR
+            error = f"the grammar refused sampled token {token_id}: {state.grammar.error}"
+        elif token_id == self.tokenizer.eos_token_id and not params.ignore_eos:
             state.finish_reason = FinishReason.STOP
         elif token_id in params.stop_token_ids:
             state.finish_reason, state.stop_reason = FinishReason.STOP, token_id
         else:
             text = self._feed(state, state.detokenizer.add([token_id]))
+        if (state.finish_reason is None and state.grammar is not None
+                and state.grammar.finished):
+            state.finish_reason = FinishReason.STOP
         if state.finish_reason is None and (
                 seq.num_output_tokens >= params.max_tokens
                 or seq.num_tokens >= self.max_model_len):
@@ -80,7 +101,7 @@ class OutputProcessor:
         if state.finish_reason is not None and not isinstance(state.stop_reason, str):
             text += self._drain(state)
         return self._delta(state, (token_id,), text,
-                           None if sampled.logprob is None else (sampled.logprob,))
+                           None if sampled.logprob is None else (sampled.logprob,), error)
 
     def on_finish(self, state: RequestState, reason: FinishReason,
                   error: str | None = None) -> GenerationDelta:

@@ -15,6 +15,7 @@ from engine.model.llama import KVCache, LlamaModel
 from engine.outputs import TokenLogprob
 from engine.progress import timed_stage
 from engine.sampling.sampler import Sampler, SamplingRow
+from engine.structured.matchers import StepGrammars
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,10 @@ class ModelRunner:
         # Per-request generators for seeded sampling, keyed by seq_id; released on finish.
         self._generators: dict[int, torch.Generator] = {}
 
-    def run(self, out: SchedulerOutput) -> StepResult:
+    def run(self, out: SchedulerOutput, grammars: StepGrammars | None = None) -> StepResult:
+        """``grammars``: the constrained sequences' matchers (a per-row side input of the step,
+        None when no sampling sequence has one). Their masks are computed on the host after
+        the forward pass is queued, so on a GPU they overlap it."""
         inputs = build_step_inputs(out, self.block_size, self.model.device)
         if self._use_graph(out, inputs):
             assert self.graphs is not None
@@ -91,7 +95,9 @@ class ModelRunner:
             else:
                 logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [S, V]
             rows = [self._sampling_row(out.scheduled[i]) for i in inputs.sampling_seq_indices]
-            result = self.sampler(logits, rows)
+            masks = (None if grammars is None
+                     else grammars.masks_for(inputs.sampling_seq_indices))
+            result = self.sampler(logits, rows, masks)
             for i, token_id, logprob in zip(inputs.sampling_seq_indices, result.token_ids,
                                             result.logprobs, strict=True):
                 sampled[i] = SampledToken(token_id, logprob)

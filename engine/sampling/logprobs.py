@@ -2,7 +2,10 @@
 
 Computed from the model's raw logits (before bias, penalties and temperature), as vLLM does by
 default and as OpenAI reports them: the distribution the model predicted, not the one the
-sampler drew from.
+sampler drew from. A constrained row's grammar mask is the one exception: it is applied first,
+as vLLM applies it before its sampler, so such a row's logprobs are of the model's distribution
+renormalised over the tokens the grammar allows (the chosen token always has a finite logprob,
+and the alternatives listed are allowed ones).
 """
 
 from __future__ import annotations
@@ -36,20 +39,30 @@ class PendingLogprobs:
             if k is None:
                 result.append(None)
                 continue
-            top = tuple(zip(top_ids[row][:k], top_values[row][:k], strict=True))
+            # A constrained row may allow fewer than k tokens: the rest are -inf, not listed.
+            top = tuple((t, v) for t, v in zip(top_ids[row][:k], top_values[row][:k],
+                                               strict=True) if v != float("-inf"))
             result.append(TokenLogprob(token_ids[row], chosen[row], top))
         return result
 
 
-def compute_logprobs(raw_logits: torch.Tensor, token_ids: torch.Tensor,
-                     num_logprobs: tuple[int | None, ...]) -> PendingLogprobs | None:
-    """raw_logits: [B, V] (the vocabulary's columns only), token_ids: [B] chosen ids.
-    None when no row asked. Rows are computed together (log_softmax of a [B, V] block costs
-    about what one row does on a GPU) and the rows that did not ask are dropped on the host."""
-    ks = [k for k in num_logprobs if k is not None]
-    if not ks:
+def log_softmax_if_asked(raw_logits: torch.Tensor,
+                         num_logprobs: tuple[int | None, ...]) -> torch.Tensor | None:
+    """raw_logits: [B, V] float32 (the vocabulary's columns only) -> [B, V] logprobs, or None
+    when no row asked. Taken before the sampler edits its logits in place. Rows are computed
+    together (log_softmax of a [B, V] block costs about what one row does on a GPU) and the
+    rows that did not ask are dropped on the host."""
+    if all(k is None for k in num_logprobs):
         return None
-    logprobs = raw_logits.float().log_softmax(dim=-1)  # [B, V]
+    return raw_logits.log_softmax(dim=-1)
+
+
+def compute_logprobs(logprobs: torch.Tensor | None, token_ids: torch.Tensor,
+                     num_logprobs: tuple[int | None, ...]) -> PendingLogprobs | None:
+    """logprobs: [B, V] from ``log_softmax_if_asked``, token_ids: [B] chosen ids."""
+    ks = [k for k in num_logprobs if k is not None]
+    if logprobs is None or not ks:
+        return None
     chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)  # [B]
     top_values, top_ids = logprobs.topk(max(ks), dim=-1)  # [B, K] each; K may be 0
     return PendingLogprobs(num_logprobs, chosen, top_values, top_ids)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.params import SamplingParams
+from engine.sampling.grammar_mask import DeviceGrammarMask, GrammarMasks, upload_grammar_masks
 
 if TYPE_CHECKING:
     from engine.sampling.sampler import SamplingRow
@@ -46,6 +47,8 @@ class SamplingMetadata:
     # The row's own generator, for sampled rows that have one.
     generators: tuple[torch.Generator | None, ...]
     num_logprobs: tuple[int | None, ...]
+    # The constrained rows' token masks; None when no row of the step has a grammar.
+    grammar: DeviceGrammarMask | None = None
 
 
 class _Upload:
@@ -99,8 +102,8 @@ def _flat_token_index(token_lists: Sequence[tuple[int, Sequence[int]]],
     return flat[(t >= 0) & (t < vocab)]
 
 
-def build_metadata(rows: Sequence[SamplingRow], vocab: int,
-                   device: torch.device) -> SamplingMetadata:
+def build_metadata(rows: Sequence[SamplingRow], vocab: int, device: torch.device,
+                   grammar: GrammarMasks | None = None) -> SamplingMetadata:
     params: list[SamplingParams] = [r.params for r in rows]
     greedy = [p.greedy for p in params]
     up = _Upload()
@@ -141,6 +144,8 @@ def build_metadata(rows: Sequence[SamplingRow], vocab: int,
                 if p.repetition_penalty != 1.0]
     if repeated:
         section["prompt_index"] = up.ints(_flat_token_index(repeated, vocab))
+    if grammar is not None and len(grammar.rows) < len(rows):
+        section["grammar_rows"] = up.ints(torch.tensor(grammar.rows, dtype=torch.int64))
 
     floats, ints = up.send(device)
 
@@ -171,4 +176,6 @@ def build_metadata(rows: Sequence[SamplingRow], vocab: int,
         prompt_index=view("prompt_index", ints),
         generators=tuple(None if g else r.generator for r, g in zip(rows, greedy, strict=True)),
         num_logprobs=tuple(p.logprobs for p in params),
+        grammar=None if grammar is None else upload_grammar_masks(
+            grammar, len(rows), vocab, device, view("grammar_rows", ints)),
     )

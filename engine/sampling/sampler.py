@@ -2,12 +2,14 @@
 
 One call picks the next token of every row of a step. The order follows vLLM:
 
+0. the grammar mask of constrained rows (-inf on tokens their grammar forbids; only when a row
+   of the step has a grammar, see ``grammar_mask.py``);
 1. logit_bias, then suppression (-inf on ids forbidden this step);
 2. repetition penalty (prompt and output tokens), then presence / frequency penalties (output);
 3. greedy rows take the argmax; the others are divided by their temperature, cut by top-k,
    top-p and min-p, and sampled.
 
-Logprobs come from the raw logits (see ``logprobs.py``). Per-row parameters become [B]
+Logprobs come from the raw logits, after the grammar mask (see ``logprobs.py``). Per-row parameters become [B]
 tensors once per call, uploaded in two copies (``metadata.py``); nothing loops over the
 vocabulary in Python, and the only wait for the device is the final copy of the chosen ids.
 
@@ -28,7 +30,8 @@ import torch
 from engine.outputs import TokenLogprob
 from engine.params import SamplingParams
 from engine.sampling.filters import apply_min_p, apply_temperature, apply_top_k_top_p
-from engine.sampling.logprobs import compute_logprobs
+from engine.sampling.grammar_mask import GrammarMasks, apply_grammar_mask
+from engine.sampling.logprobs import compute_logprobs, log_softmax_if_asked
 from engine.sampling.metadata import SamplingMetadata, build_metadata
 from engine.sampling.penalties import apply_bias_and_suppression, apply_penalties
 
@@ -64,45 +67,58 @@ class Sampler:
         # to a device and the sampler does not know the logits' device until it sees them.
         self._shared: dict[str, torch.Generator] = {}
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+                 grammar: GrammarMasks | None = None) -> SamplerOutput:
         # logits: [B, V'] with V' >= vocab_size; columns past vocab_size are padding.
+        # grammar: the token masks of the constrained rows, None when no row has one.
         self._check(logits, rows)
         if not rows:
             return SamplerOutput([], [])
-        meta = build_metadata(rows, self.vocab_size, logits.device)
-        x = self._process(logits, meta)  # [B, V]
+        meta = build_metadata(rows, self.vocab_size, logits.device, grammar)
+        x = self._masked_copy(logits, meta)  # [B, V]
+        logprobs = log_softmax_if_asked(x, meta.num_logprobs)  # [B, V] or None
+        self._process_in_place(x, meta)
         token_ids = self._choose(x, meta)  # [B]
-        pending = compute_logprobs(logits[:, :self.vocab_size], token_ids, meta.num_logprobs)
+        pending = compute_logprobs(logprobs, token_ids, meta.num_logprobs)
         ids: list[int] = token_ids.tolist()  # the step's one wait for the device
         logprobs = [None] * len(rows) if pending is None else pending.resolve(ids)
         return SamplerOutput(ids, logprobs)
 
-    def process(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-        """The logits each row picks from, as a new float32 [B, V] tensor: bias, suppression
-        and penalties on every row; temperature, top-k, top-p and min-p on sampled rows (cut
-        tokens at -inf). Greedy rows take the argmax of their row, sampled rows draw from its
-        softmax. The caller's ``logits`` are left intact."""
+    def process(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+                grammar: GrammarMasks | None = None) -> torch.Tensor:
+        """The logits each row picks from, as a new float32 [B, V] tensor: the grammar mask on
+        constrained rows; bias, suppression and penalties on every row; temperature, top-k,
+        top-p and min-p on sampled rows (cut tokens at -inf). Greedy rows take the argmax of
+        their row, sampled rows draw from its softmax. The caller's ``logits`` are left
+        intact."""
         self._check(logits, rows)
-        return self._process(logits, build_metadata(rows, self.vocab_size, logits.device))
+        meta = build_metadata(rows, self.vocab_size, logits.device, grammar)
+        x = self._masked_copy(logits, meta)
+        self._process_in_place(x, meta)
+        return x
 
     def _check(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
         if logits.dim() != 2 or logits.shape[0] != len(rows) or logits.shape[1] < self.vocab_size:
             raise ValueError(f"logits must be [{len(rows)}, >= {self.vocab_size}], "
                              f"got {list(logits.shape)}")
 
-    def _process(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    def _masked_copy(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         # logits: [B, V'] -> [B, V]. A contiguous float32 copy without the padding columns:
         # the stages edit it in place through flat [B * V] views.
         x = torch.empty((meta.num_rows, self.vocab_size), dtype=torch.float32,
                         device=logits.device)
         x.copy_(logits[:, :self.vocab_size])
+        if meta.grammar is not None:
+            apply_grammar_mask(x, meta.grammar)
+        return x
+
+    def _process_in_place(self, x: torch.Tensor, meta: SamplingMetadata) -> None:
         apply_bias_and_suppression(x, meta)
         apply_penalties(x, meta)
         if not meta.all_greedy:
             apply_temperature(x, meta)
             apply_top_k_top_p(x, meta)
             apply_min_p(x, meta)
-        return x
 
     def _choose(self, x: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         """Greedy rows: the argmax. Sampled rows: an exponential race over the softmax.

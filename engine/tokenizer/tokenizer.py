@@ -61,6 +61,11 @@ class Tokenizer:
         return cls(AutoTokenizer.from_pretrained(str(path)))
 
     @property
+    def hf(self) -> PreTrainedTokenizerBase:
+        """The transformers tokenizer underneath (the grammar engine reads its vocabulary)."""
+        return self._hf
+
+    @property
     def vocab_size(self) -> int:
         """Every id below this is a token: the base vocabulary plus added tokens."""
         return self._vocab_size
