@@ -16,6 +16,7 @@ from app.generation import (
     run_until_disconnect,
     seeds_for,
 )
+from app.json_body import JSONBodyRoute
 from app.logprobs import chat_entries
 from app.params import check_limits, resolve_max_tokens, sampling_params
 from app.protocol.chat import (
@@ -53,7 +54,7 @@ from engine.client import EngineClient
 from engine.outputs import FinishReason, GenerationDelta
 from engine.params import Constraint
 
-router = APIRouter()
+router = APIRouter(route_class=JSONBodyRoute)
 MAX_TOP_LOGPROBS = 20
 
 

@@ -16,6 +16,7 @@ from app.generation import (
     run_until_disconnect,
     seeds_for,
 )
+from app.json_body import JSONBodyRoute
 from app.logprobs import CompletionLogprobBuilder, concat, echo_logprobs
 from app.params import check_limits, resolve_max_tokens, sampling_params
 from app.protocol.common import Usage, drop_none, new_id, now
@@ -39,7 +40,7 @@ from app.structured import request_constraint
 from engine.client import EngineClient
 from engine.outputs import GenerationDelta
 
-router = APIRouter()
+router = APIRouter(route_class=JSONBodyRoute)
 MAX_LEGACY_LOGPROBS = 5
 
 
