@@ -51,8 +51,10 @@ def create_app(settings: Settings, engine: EngineClient | None = None) -> FastAP
             if state.engine is not None:
                 await state.engine.shutdown()
 
+    # The OpenAPI schema is served (behind the API key when keys are set, like every route
+    # but the probes); the interactive docs pages are not.
     app = FastAPI(title="gptq-serve", version=__version__, lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None)
+                  docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.server = state
     install_error_handlers(app)
     for router in (completions.router, chat.router, models.router, health.router,

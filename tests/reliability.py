@@ -123,9 +123,10 @@ def _unchunk(data: bytes) -> bytes:
 
 
 async def raw_exchange(port: int, chunks: Iterable[bytes], *, read_timeout: float = 10.0,
-                       pause: float = 0.0) -> RawResponse:
-    """Send ``chunks`` (``pause`` s apart), then read until the server closes the connection
-    or ``read_timeout`` passes. A server that closes while we still write is a refusal too."""
+                       pause: float = 0.0, head_only: bool = False) -> RawResponse:
+    """Send ``chunks`` (``pause`` s apart), then read until a whole response arrived (only its
+    head with ``head_only``, for HEAD requests), the server closes the connection or
+    ``read_timeout`` passes. A server that closes while we still write is a refusal too."""
     reader, writer = await asyncio.open_connection(HOST, port)
     data = b""
     closed = False
@@ -146,7 +147,7 @@ async def raw_exchange(port: int, chunks: Iterable[bytes], *, read_timeout: floa
                     closed = True
                     break
                 data += piece
-                if _complete(data):
+                if _complete(data, head_only):
                     break
     except ConnectionError:  # reset: the server closed with our bytes still unread
         closed = True
@@ -157,17 +158,19 @@ async def raw_exchange(port: int, chunks: Iterable[bytes], *, read_timeout: floa
         await asyncio.gather(sender, return_exceptions=True)
         writer.close()
         await asyncio.gather(writer.wait_closed(), return_exceptions=True)
-    if not closed and _complete(data):
+    if not closed and _complete(data, head_only):
         response = parse_response(data, False)
         response.closed = response.headers.get("connection") == "close"
         return response
     return parse_response(data, closed)
 
 
-def _complete(data: bytes) -> bool:
+def _complete(data: bytes, head_only: bool = False) -> bool:
     """Whether ``data`` holds a whole response (Content-Length or chunked)."""
     if b"\r\n\r\n" not in data:
         return False
+    if head_only:
+        return True
     head, _, body = data.partition(b"\r\n\r\n")
     lowered = head.lower()
     match = re.search(rb"content-length:\s*(\d+)", lowered)
