@@ -108,7 +108,10 @@ def install_error_handlers(app: FastAPI) -> None:
         request_id = _request_id(request)
         log.exception("request %s: internal error on %s %s", request_id, request.method,
                       request.url.path)
-        return internal_error(request_id).response()
+        response = internal_error(request_id).response()
+        # Starlette sends this from its outermost layer, past RequestIdMiddleware.
+        response.headers["X-Request-Id"] = request_id
+        return response
 
 
 def _request_id(request: Request) -> str:
