@@ -18,6 +18,7 @@ from app.generation import (
 )
 from app.json_body import JSONBodyRoute
 from app.logprobs import CompletionLogprobBuilder, concat, echo_logprobs
+from app.openapi import generation_responses
 from app.params import check_limits, resolve_max_tokens, sampling_params
 from app.protocol.common import Usage, drop_none, new_id, now
 from app.protocol.completions import (
@@ -82,7 +83,8 @@ def parse_prompts(engine: EngineClient, prompt: object, max_prompts: int) -> lis
     return out
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", response_model=None,
+             responses=generation_responses(CompletionResponse))
 async def create_completion(body: CompletionRequest, request: Request):  # noqa: ANN201
     state = server_state(request)
     engine = state.require_engine()
