@@ -15,7 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from engine.faults import FAULTS_ENV
+from app.settings import Settings, env_name
+from engine.faults import FAULTS_ENV, FaultKind, FaultPlan
 from tests.fake_engine import ServerProcess, sse_data
 from tests.reliability import Figures, assert_clean_error, idle_metrics
 from tests.server import real_server, serving
@@ -78,6 +79,11 @@ def assert_stream_error_then_done(r: httpx.Response, data: list[str]) -> None:
     assert error["code"] == "internal_error" and r.headers["x-request-id"] in error["message"]
 
 
+def assert_idle_and_healthy(server: ServerProcess) -> None:
+    idle_metrics(server)
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
 NORMAL = ["The first of three", "A second prompt", "And a third one here"]
 
 
@@ -96,8 +102,7 @@ async def test_a_detokenizer_failure_ends_only_its_request(
     assert json.loads(data[0])["choices"][0]["text"], "the first token arrived before the fault"
     assert_500_with_request_id(marked_plain)
     assert [text_of(r) for r in normal] == alone
-    idle_metrics(server)
-    assert httpx.get(server.url + "/health").status_code == 200
+    assert_idle_and_healthy(server)
 
 
 async def test_a_tokenizer_failure_is_a_500_for_that_request_only(
@@ -132,8 +137,7 @@ async def test_a_failing_model_step_ends_the_requests_it_ran_and_no_others(
     assert "".join(json.loads(d)["choices"][0]["text"] for d in data0[:-1]) == alone[0]
     assert_stream_error_then_done(rm, datam)
     assert text_of(r1) == alone[1]
-    idle_metrics(server)
-    assert httpx.get(server.url + "/health").status_code == 200
+    assert_idle_and_healthy(server)
 
 
 async def test_steps_that_keep_failing_stop_the_loop_and_health_turns_503(
@@ -179,3 +183,18 @@ async def test_a_dead_engine_loop_ends_every_request_and_health_turns_503(
     assert (await asyncio.to_thread(httpx.get, server.url + "/ready")).status_code == 503
     figures.add(in_flight_ended=3, health_after=503)
     figures.print()
+
+
+# ---- the hook itself -------------------------------------------------------------------------
+
+
+def test_the_fault_hooks_are_off_unless_the_testing_variable_is_set() -> None:
+    assert not FaultPlan.from_environment({}).active
+    assert not FaultPlan.from_environment({FAULTS_ENV: ""}).active
+    plan = FaultPlan.from_environment({FAULTS_ENV: json.dumps({"step_error": "@x@"})})
+    assert plan.kinds_for("a @x@ b") == {FaultKind.STEP_ERROR} and not plan.kinds_for("a b")
+    with pytest.raises(ValueError, match=FAULTS_ENV):
+        FaultPlan.from_environment({FAULTS_ENV: '{"no_such_fault": "x"}'})
+    # Not a setting: no field, flag or environment variable of the server names it.
+    assert not any("fault" in name for name in Settings.model_fields)
+    assert FAULTS_ENV not in {env_name(name) for name in Settings.model_fields}
