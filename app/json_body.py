@@ -23,9 +23,10 @@ from fastapi.routing import APIRoute
 
 from app.errors import OpenAIError, bad_request
 
-# Deeper than any OpenAI request needs (a chat message with content parts is 4 deep), shallow
-# enough that nothing downstream recurses into trouble.
-MAX_DEPTH = 32
+# Deeper than OpenAI requests go (a chat message with content parts is 4 deep; a JSON schema
+# in a request nests twice per level it describes), shallow enough that nothing downstream
+# recurses into trouble.
+MAX_DEPTH = 64
 
 
 def _check_content_type(value: str | None) -> None:

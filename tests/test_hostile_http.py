@@ -191,8 +191,8 @@ def nested(depth: int) -> str:
 
 @pytest.mark.parametrize(("name", "raw", "content_type", "status", "says"), [
     ("100,000-deep array", nested(100_000).encode(), "application/json", 400, "deeper than"),
-    ("40-deep metadata", ('{"model": "tiny", "messages": [{"role": "user", "content": "x"}], '
-                          '"metadata": {"a": ' + nested(40) + "}}").encode(),
+    ("70-deep metadata", ('{"model": "tiny", "messages": [{"role": "user", "content": "x"}], '
+                          '"metadata": {"a": ' + nested(70) + "}}").encode(),
      "application/json", 400, "deeper than"),
     ("a repeated key", b'{"model": "tiny", "prompt": "x", "model": "other"}',
      "application/json", 400, "repeats the key 'model'"),
