@@ -55,7 +55,8 @@ class Figures:
         self.values[f"{prefix}_p99_ms"] = round(percentile(seconds, 99) * 1000, 1)
 
     def kv(self, metrics: dict[str, float], when: str) -> None:
-        self.values[f"kv_free_{when}"] = int(metrics["gptq_kv_cache_blocks_free"])
+        """KV blocks held by no request (free, or cached for prefix reuse) and in the pool."""
+        self.values[f"kv_unheld_{when}"] = int(kv_unheld(metrics))
         self.values[f"kv_total_{when}"] = int(metrics["gptq_kv_cache_blocks_total"])
 
     def print(self) -> None:
@@ -63,12 +64,18 @@ class Figures:
         print(f"\nFIGURES {self.name}: {body}")
 
 
+def kv_unheld(metrics: dict[str, float]) -> float:
+    """Blocks no request holds: free ones and those the prefix cache keeps for reuse."""
+    return metrics["gptq_kv_cache_blocks_free"] + metrics.get("gptq_kv_cache_blocks_cached", 0)
+
+
 def idle_metrics(server: ServerProcess, timeout: float = 10.0) -> dict[str, float]:
-    """/metrics once the engine is idle (see scrape_when_idle); asserts it got there."""
+    """/metrics once the engine is idle (see scrape_when_idle); asserts it got there and that
+    no request holds a KV block any more."""
     m = scrape_when_idle(server.url, timeout)
     assert m["gptq_num_requests_running"] == 0, m
     assert m["gptq_num_requests_waiting"] == 0, m
-    assert m["gptq_kv_cache_blocks_free"] == m["gptq_kv_cache_blocks_total"], "KV blocks leaked"
+    assert kv_unheld(m) == m["gptq_kv_cache_blocks_total"], "KV blocks leaked"
     return m
 
 
