@@ -27,7 +27,7 @@ SYNTH_MARKER := gptq-serve-synth.json
 SERVE_FLAGS = $(if $(filter command line,$(origin PORT)),--port $(PORT)) \
               $(if $(filter command line,$(origin HOST)),--host $(HOST))
 
-.PHONY: venv test test-cuda lint run demo bench clean
+.PHONY: venv test test-cuda soak lint run demo bench clean
 
 $(RUNTIME): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,10 @@ test: venv
 
 test-cuda: venv
 	$(BIN)/python -m pytest -q -ra -m cuda
+
+# The long reliability runs (docs/reliability.md); each test prints its FIGURES line.
+soak: venv
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -ra -s -m soak
 
 lint: venv
 	$(BIN)/ruff check app engine tests

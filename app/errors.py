@@ -42,6 +42,19 @@ class OpenAIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+def internal_error(request_id: str) -> OpenAIError:
+    """A fault's error for the client: the request id to report, never the exception's text
+    (it may name files or hold prompt text); the log has the details under the same id."""
+    return OpenAIError(500, f"internal server error (request id {request_id})",
+                       code="internal_error")
+
+
+def engine_unavailable() -> OpenAIError:
+    """The engine loop has stopped for good (/health is 503): the server must be restarted."""
+    return OpenAIError(503, "the engine has stopped; this server is restarting, retry on "
+                       "another replica", code="engine_unavailable", headers={"Retry-After": "5"})
+
+
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
     return OpenAIError(400, message, param=param, code=code)
 
@@ -95,8 +108,10 @@ def install_error_handlers(app: FastAPI) -> None:
         request_id = _request_id(request)
         log.exception("request %s: internal error on %s %s", request_id, request.method,
                       request.url.path)
-        return OpenAIError(500, f"internal server error (request id {request_id})",
-                           code="internal_error").response()
+        response = internal_error(request_id).response()
+        # Starlette sends this from its outermost layer, past RequestIdMiddleware.
+        response.headers["X-Request-Id"] = request_id
+        return response
 
 
 def _request_id(request: Request) -> str:

@@ -10,9 +10,9 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from app.errors import OpenAIError
+from app.errors import OpenAIError, engine_unavailable, internal_error
 from app.state import ServerState
-from engine.client import EngineClient
+from engine.client import EngineClient, EngineDeadError
 from engine.outputs import FinishReason, GenerationDelta
 from engine.params import SEED_MIN, SamplingParams
 
@@ -119,7 +119,7 @@ class Generation:
                 self._observe(traces[index], item)
                 if item.finished:
                     unfinished.discard(index)
-                err = delta_error(item)
+                err = delta_error(item, self.http_request_id)
                 if err is not None:  # an abort or engine fault ends the whole response
                     raise err
                 yield index, item
@@ -185,18 +185,20 @@ class Generation:
     def _as_openai_error(self, exc: BaseException) -> BaseException:
         if isinstance(exc, OpenAIError | asyncio.CancelledError):
             return exc
+        if isinstance(exc, EngineDeadError):
+            return engine_unavailable()
         if isinstance(exc, ValueError):  # the engine refused the prompt (EngineClient contract)
             return OpenAIError(400, str(exc), param=getattr(exc, "param", "prompt"),
                                code=getattr(exc, "code", None))
         log.error("request %s (engine request %s) failed", self.http_request_id,
                   self.request_id, exc_info=exc)
-        return OpenAIError(500, f"internal error: {exc}", code="internal_error")
+        return internal_error(self.http_request_id)
 
 
-def delta_error(delta: GenerationDelta) -> OpenAIError | None:
+def delta_error(delta: GenerationDelta, http_request_id: str) -> OpenAIError | None:
     """An engine-side ending the client must hear about as an error (abort, fault)."""
     if delta.finish_reason == FinishReason.ERROR:
-        return OpenAIError(500, delta.error or "internal engine error", code="internal_error")
+        return internal_error(http_request_id)
     if delta.finish_reason == FinishReason.ABORT:
         return OpenAIError(503, delta.error or "the request was aborted",
                            code="request_aborted", headers={"Retry-After": "5"})

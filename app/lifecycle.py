@@ -53,7 +53,9 @@ async def start(state: ServerState, engine: EngineClient | None) -> None:
         state.ready = True
         announce(settings, engine, time.monotonic() - t0)
     except Exception as exc:
-        state.load_error = f"{type(exc).__name__}: {exc}"
+        # Only the exception's type: /ready shows it to anyone, and the message may name
+        # files; the log below has it all.
+        state.load_error = type(exc).__name__
         log.exception("start-up failed")
         raise
 

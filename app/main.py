@@ -19,6 +19,7 @@ from app.middleware import (
     HTTPMetricsMiddleware,
     RequestIdMiddleware,
 )
+from app.openapi import install_openapi
 from app.routes import chat, completions, health, metrics, models, tokenize
 from app.settings import Settings
 from app.state import ServerState
@@ -51,10 +52,13 @@ def create_app(settings: Settings, engine: EngineClient | None = None) -> FastAP
             if state.engine is not None:
                 await state.engine.shutdown()
 
+    # The OpenAPI schema is served (behind the API key when keys are set, like every route
+    # but the probes); the interactive docs pages are not.
     app = FastAPI(title="gptq-serve", version=__version__, lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None)
+                  docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.server = state
     install_error_handlers(app)
+    install_openapi(app)
     for router in (completions.router, chat.router, models.router, health.router,
                    tokenize.router, metrics.router):
         app.include_router(router)

@@ -3,11 +3,12 @@ responses pass through untouched and the metrics see the stream's true end."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
 from starlette.routing import BaseRoute, Match
@@ -106,12 +107,18 @@ class AuthMiddleware:
         scheme, _, token = header.decode("latin-1").partition(" ")
         if scheme.lower() != "bearer" or not token:
             return False
-        supplied = token.strip().encode()
-        # Compare against every key, always, in constant time per key.
-        ok = False
-        for key in self.state.settings.api_keys:
-            ok |= hmac.compare_digest(supplied, key.encode())
-        return ok
+        return api_key_matches(token.strip().encode(), self.state.settings.api_keys)
+
+
+def api_key_matches(supplied: bytes, keys: Sequence[str]) -> bool:
+    """Whether ``supplied`` is one of ``keys``, in time that depends on neither: SHA-256
+    digests make every comparison the same length (compare_digest alone leaks a length
+    mismatch), and every key is compared, whichever matches."""
+    digest = hashlib.sha256(supplied).digest()
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(digest, hashlib.sha256(key.encode()).digest())
+    return ok
 
 
 class BodyLimitMiddleware:
@@ -202,5 +209,5 @@ class HTTPMetricsMiddleware:
             m.http_requests.labels(route=template, method=scope["method"],
                                    status=str(status)).inc()
             m.http_duration.labels(route=template).observe(time.monotonic() - start)
-            if status in (400, 413) or (status == 404 and template != "unmatched"):
+            if status in (400, 413, 415) or (status == 404 and template != "unmatched"):
                 m.requests_rejected.labels(reason="invalid").inc()

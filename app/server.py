@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from types import FrameType
 
@@ -10,6 +11,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from app import lifecycle
+from app.http_protocol import ConnectionLimits, GuardedH11Protocol
 from app.logs import configure_logging
 from app.main import create_app
 from app.settings import Settings, environment_snapshot
@@ -69,10 +71,15 @@ def serve(settings: Settings, engine: EngineClient | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format)
     log.info("settings from the environment: %s", environment_snapshot())
     app = create_app(settings, engine)
+    limits = ConnectionLimits(max_header_bytes=settings.max_header_bytes,
+                              header_timeout=settings.header_timeout,
+                              body_timeout=settings.body_timeout,
+                              send_timeout=settings.send_timeout)
     # log_config=None: uvicorn's records go through the root handler configure_logging set
     # up (JSON lines included), not through uvicorn's own console formatter.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             log_level=settings.log_level, access_log=False,
+                            http=functools.partial(GuardedH11Protocol, limits=limits),
                             timeout_keep_alive=30, timeout_graceful_shutdown=10)
     server = DrainingServer(config, app)
     asyncio.run(server.serve())

@@ -109,6 +109,17 @@ class Settings(BaseSettings):
                                            "refused with 400.")
     grammar_cache_size: int = Field(256, ge=1, description="Compiled grammars the engine keeps "
                                     "for reuse (keyed by the constraint's kind and text).")
+    # Connection limits (app/http_protocol.py; docs/reliability.md says why each is needed).
+    max_header_bytes: int = Field(32 * 1024, ge=1024, description="Largest request line plus "
+                                  "headers; larger ones get 431.")
+    header_timeout: float = Field(10.0, gt=0, description="Seconds a client has to send a "
+                                  "request's line and headers; then the connection is closed.")
+    body_timeout: float = Field(60.0, gt=0, description="Seconds a client has to send a "
+                                "request's body after its headers; then the connection is "
+                                "closed.")
+    send_timeout: float = Field(60.0, gt=0, description="Seconds a response may wait on a "
+                                "client that reads nothing (64 KiB unsent) before the "
+                                "connection is dropped and its generation aborted.")
     keepalive_interval: float = Field(10.0, gt=0, description="Seconds between SSE keep-alive "
                                       "comments while a stream waits for tokens.")
     shutdown_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests get to "
@@ -191,7 +202,8 @@ SETTING_GROUPS: tuple[SettingGroup, ...] = (
     SettingGroup("server", "The HTTP server: address, request limits, streaming, shutdown.",
                  ("host", "port", "max_queued_requests", "max_tokens_limit",
                   "default_max_tokens", "max_n", "max_prompts", "max_logit_bias",
-                  "max_body_bytes", "max_grammar_bytes", "grammar_compile_timeout",
+                  "max_body_bytes", "max_header_bytes", "header_timeout", "body_timeout",
+                  "send_timeout", "max_grammar_bytes", "grammar_compile_timeout",
                   "keepalive_interval", "shutdown_timeout")),
     SettingGroup("security", "Who may call: API keys, /metrics access, CORS.",
                  ("api_keys", "api_key_file", "metrics_require_auth", "cors_origins")),

@@ -6,7 +6,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from app.errors import OpenAIError
+from app.errors import OpenAIError, engine_unavailable
 from app.metrics import Metrics
 from app.settings import Settings
 from app.structured import ConstraintChecker
@@ -50,10 +50,14 @@ class ServerState:
                               code="server_shutting_down", headers={"Retry-After": "5"})
         if not self.ready or self.engine is None:
             self.metrics.requests_rejected.labels(reason="not_ready").inc()
-            message = ("the model failed to load: " + self.load_error if self.load_error
+            # The load error itself (it may name files) is in the log and on /ready.
+            message = ("the model failed to load; see the server log" if self.load_error
                        else "the model is still loading")
             raise OpenAIError(503, message, code="model_not_ready",
                               headers={"Retry-After": "10"})
+        if not self.engine.stats().loop_alive:
+            self.metrics.requests_rejected.labels(reason="engine_stopped").inc()
+            raise engine_unavailable()
         return self.engine
 
     def check_queue(self, num_requests: int) -> None:

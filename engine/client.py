@@ -13,6 +13,11 @@ from engine.outputs import EngineStats, GenerationDelta, ModelInfo
 from engine.params import SamplingParams
 
 
+class EngineDeadError(RuntimeError):
+    """``generate()`` was called after the engine loop stopped for good (it died, or the
+    server is shutting down): nothing will run until the process is restarted."""
+
+
 class TokenizerLike(Protocol):
     """The tokenizer facade the app needs (prompt building, /tokenize, logprob token strings)."""
 

@@ -22,7 +22,8 @@ from tests.reference import reference_model
 from tests.schemas.validate import validate
 
 
-def real_server(checkpoint: Path, log_path: Path, *flags: str) -> ServerProcess:
+def real_server(checkpoint: Path, log_path: Path, *flags: str,
+                env: dict[str, str] | None = None) -> ServerProcess:
     """``gptq-serve serve`` on the CPU over ``checkpoint`` (not started yet).
 
     One intra-op thread: with torch's default pool (one thread per core) a tiny model's step
@@ -32,7 +33,8 @@ def real_server(checkpoint: Path, log_path: Path, *flags: str) -> ServerProcess:
     """
     command = str(Path(sys.executable).with_name("gptq-serve"))
     return ServerProcess([command, "serve", "--model", str(checkpoint), "--device", "cpu",
-                          "--dtype", "float32", *flags], log_path, env={"OMP_NUM_THREADS": "1"})
+                          "--dtype", "float32", *flags], log_path,
+                         env={"OMP_NUM_THREADS": "1", **(env or {})})
 
 
 @contextmanager

@@ -16,7 +16,9 @@ from app.generation import (
     run_until_disconnect,
     seeds_for,
 )
+from app.json_body import JSONBodyRoute
 from app.logprobs import chat_entries
+from app.openapi import generation_responses
 from app.params import check_limits, resolve_max_tokens, sampling_params
 from app.protocol.chat import (
     ChatChoice,
@@ -53,7 +55,7 @@ from engine.client import EngineClient
 from engine.outputs import FinishReason, GenerationDelta
 from engine.params import Constraint
 
-router = APIRouter()
+router = APIRouter(route_class=JSONBodyRoute)
 MAX_TOP_LOGPROBS = 20
 
 
@@ -72,7 +74,8 @@ def check_unsupported(body: ChatCompletionRequest) -> None:
         raise refuse("moderation", "moderation is not available; the output is not screened")
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", response_model=None,
+             responses=generation_responses(ChatCompletionResponse))
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):  # noqa: ANN201
     state = server_state(request)
     engine = state.require_engine()

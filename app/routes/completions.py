@@ -16,7 +16,9 @@ from app.generation import (
     run_until_disconnect,
     seeds_for,
 )
+from app.json_body import JSONBodyRoute
 from app.logprobs import CompletionLogprobBuilder, concat, echo_logprobs
+from app.openapi import generation_responses
 from app.params import check_limits, resolve_max_tokens, sampling_params
 from app.protocol.common import Usage, drop_none, new_id, now
 from app.protocol.completions import (
@@ -39,7 +41,7 @@ from app.structured import request_constraint
 from engine.client import EngineClient
 from engine.outputs import GenerationDelta
 
-router = APIRouter()
+router = APIRouter(route_class=JSONBodyRoute)
 MAX_LEGACY_LOGPROBS = 5
 
 
@@ -81,7 +83,8 @@ def parse_prompts(engine: EngineClient, prompt: object, max_prompts: int) -> lis
     return out
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", response_model=None,
+             responses=generation_responses(CompletionResponse))
 async def create_completion(body: CompletionRequest, request: Request):  # noqa: ANN201
     state = server_state(request)
     engine = state.require_engine()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from app.errors import bad_request
+from app.json_body import JSONBodyRoute
 from app.protocol.common import DetokenizeRequest, TokenizeRequest
 from app.routes.common import (
     check_model,
@@ -14,7 +15,7 @@ from app.routes.common import (
     server_state,
 )
 
-router = APIRouter()
+router = APIRouter(route_class=JSONBodyRoute)
 
 
 @router.post("/tokenize")

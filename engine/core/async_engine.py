@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+from engine.client import EngineDeadError
 from engine.config import EngineConfig
 from engine.core.llm_engine import LLMEngine
 from engine.outputs import EngineStats, FinishReason, GenerationDelta, ModelInfo
@@ -25,6 +26,16 @@ log = logging.getLogger(__name__)
 
 # How long the idle loop sleeps before re-checking for shutdown; requests wake it at once.
 _IDLE_WAIT_S = 0.5
+# Model steps failing this many times in a row mean a broken device (a sticky CUDA error, say):
+# the loop stops, /health turns 503 and the orchestrator restarts the server.
+MAX_CONSECUTIVE_FAILED_STEPS = 3
+
+
+class _EngineDied:
+    """Put in every caller's queue when the loop dies; generate() turns it into an error."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -50,7 +61,9 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # request_id -> its delta queue; touched only on the event loop.
-        self._queues: dict[str, asyncio.Queue[GenerationDelta | BaseException]] = {}
+        self._queues: dict[str, asyncio.Queue[GenerationDelta | BaseException | _EngineDied]] = {}
+        # Set by the engine thread, once, when the loop dies; read by generate().
+        self._death: str | None = None
         self._stats = self._snapshot(alive=False)
 
     @classmethod
@@ -84,21 +97,33 @@ class AsyncEngine:
 
     async def generate(self, prompt_token_ids: Sequence[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[GenerationDelta]:
+        if self._death is not None:
+            raise EngineDeadError(self._death)
         if self._loop is None or self._stop.is_set():
-            raise RuntimeError("the engine is not running")
+            raise EngineDeadError("the engine is not running")
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._engine.validate_prompt(prompt_token_ids)  # reads only immutable state
-        queue: asyncio.Queue[GenerationDelta | BaseException] = asyncio.Queue()
+        queue: asyncio.Queue[GenerationDelta | BaseException | _EngineDied] = asyncio.Queue()
         self._queues[request_id] = queue
         self._post(_Add(request_id, list(prompt_token_ids), params))
         finished = False
+        num_output_tokens = 0
         try:
             while not finished:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                if isinstance(item, _EngineDied):
+                    # No step will ever finish this request: end it here, as a fault.
+                    item = GenerationDelta(
+                        request_id=request_id, token_ids=(), text="",
+                        logprobs=() if params.logprobs is not None else None,
+                        num_prompt_tokens=len(prompt_token_ids),
+                        num_output_tokens=num_output_tokens,
+                        finish_reason=FinishReason.ERROR, error=item.reason)
                 finished = item.finished
+                num_output_tokens = item.num_output_tokens
                 yield item
         finally:
             self._queues.pop(request_id, None)
@@ -130,10 +155,20 @@ class AsyncEngine:
                     out.extend(engine.take_refused())
                 self._stats = self._snapshot(alive=True)
                 self._deliver(out)
+                failed = engine.counters.num_consecutive_failed_steps
+                if failed >= MAX_CONSECUTIVE_FAILED_STEPS:
+                    raise RuntimeError(f"{failed} engine steps failed in a row")
             self._deliver(engine.abort_all(FinishReason.ABORT, "the server is shutting down"))
             engine.structured.shutdown()
-        except BaseException:
-            log.exception("the engine loop died")
+        except BaseException as exc:
+            # Whatever killed the loop, no caller may wait forever: every one still waiting
+            # gets an error, and later calls are refused (EngineDeadError).
+            self._death = f"the engine loop stopped: {exc!r}"
+            self._stats = self._snapshot(alive=False)
+            log.critical("the engine loop died; every request in flight ends with an error",
+                         exc_info=exc)
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._fail_all_callers, self._death)
             raise
         finally:
             self._stats = self._snapshot(alive=False)
@@ -143,7 +178,12 @@ class AsyncEngine:
             return self._engine.step()
         except Exception as exc:  # a fault in one step must not take the server down
             log.exception("engine step failed; ending the requests in flight")
-            return self._engine.abort_all(FinishReason.ERROR, f"internal engine error: {exc}")
+            self._engine.counters.num_consecutive_failed_steps += 1
+            return self._engine.abort_all(FinishReason.ERROR, f"internal engine error: {exc!r}")
+
+    def _fail_all_callers(self, reason: str) -> None:
+        for queue in self._queues.values():
+            queue.put_nowait(_EngineDied(reason))
 
     def _drain_inbox(self) -> list[GenerationDelta | tuple[str, BaseException]]:
         with self._inbox_lock:

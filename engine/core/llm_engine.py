@@ -30,6 +30,7 @@ from engine.core.output_processor import OutputProcessor, RequestState
 from engine.core.runner import ModelRunner, StepResult
 from engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.core.sequence import Sequence
+from engine.faults import FaultKind, FaultPlan, InjectedFault, InjectedLoopCrash
 from engine.model.cuda_graphs import DecodeGraphConfig
 from engine.model.llama import LlamaModel
 from engine.outputs import FinishReason, GenerationDelta, ModelInfo
@@ -64,12 +65,16 @@ class EngineCounters:
     # Prompt tokens run through the model, recomputation after preemption included (prompt
     # tokens taken from the prefix cache are not): the prefill work actually done.
     num_prompt_tokens_computed: int = 0
+    # Steps whose model run raised, in a row (reset by a step that succeeds): a device that
+    # keeps failing makes the async front stop the loop so the server reports itself unhealthy.
+    num_consecutive_failed_steps: int = 0
 
 
 class LLMEngine:
     def __init__(self, model_info: ModelInfo, tokenizer: Tokenizer, scheduler: Scheduler,
                  runner: ModelRunner, model_memory_bytes: int | None = None,
-                 structured: StructuredConfig | None = None) -> None:
+                 structured: StructuredConfig | None = None,
+                 faults: FaultPlan | None = None) -> None:
         self.model_info = model_info
         self.tokenizer = tokenizer
         self.scheduler = scheduler
@@ -84,6 +89,7 @@ class LLMEngine:
         # Requests whose grammar failed to compile, for the caller to fail (take_refused).
         self._refused: list[tuple[str, GrammarError]] = []
         self._seq_ids = itertools.count()
+        self.faults = faults or FaultPlan.none()
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -93,8 +99,9 @@ class LLMEngine:
                                download_dir=config.download_dir, offline=config.offline)
         arch = ckpt.arch
         max_model_len = config.max_model_len or arch.max_position_embeddings
+        faults = FaultPlan.from_environment()
         start = time.monotonic()
-        tokenizer = Tokenizer.from_pretrained(ckpt.path)
+        tokenizer = Tokenizer.from_pretrained(ckpt.path, faults)
         timed_stage(log, "tokenizer", start, f"vocabulary of {tokenizer.vocab_size} loaded")
         linear = make_linear_backend(config, ckpt.quant, device, dtype)
         attention = make_attention_backend(config, device)
@@ -133,7 +140,7 @@ class LLMEngine:
         structured = StructuredConfig(
             limits=GrammarLimits(), compile_timeout_s=config.grammar_compile_timeout,
             cache_size=config.grammar_cache_size)
-        return cls(info, tokenizer, scheduler, runner, model_bytes, structured)
+        return cls(info, tokenizer, scheduler, runner, model_bytes, structured, faults)
 
     @property
     def has_work(self) -> bool:
@@ -163,6 +170,8 @@ class LLMEngine:
         seq = Sequence(next(self._seq_ids), request_id, list(prompt_token_ids), params,
                        extra_hash_key=extra_hash_key)
         state = self.outputs.new_state(seq)
+        if self.faults.active:
+            state.faults = self.faults.kinds_for(self.tokenizer.decode(prompt_token_ids))
         self._states[request_id] = state
         if params.constraint is None:
             self.scheduler.add(seq)
@@ -203,7 +212,12 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
-        result = self.runner.run(out, self.structured.for_step(out))
+        try:
+            self._inject_step_faults(out)
+            result = self.runner.run(out, self.structured.for_step(out))
+        except Exception as exc:
+            return self._fail_step(out, exc)
+        self.counters.num_consecutive_failed_steps = 0
         self.counters.num_prompt_tokens_computed += sum(s.num_new_prompt_tokens
                                                         for s in out.scheduled)
         self.scheduler.on_step_done(out)
@@ -221,6 +235,28 @@ class LLMEngine:
             self._refused.append((seq.request_id, error))
             self._release(self._states[seq.request_id])
 
+    def _fail_step(self, out: SchedulerOutput, exc: Exception) -> list[GenerationDelta]:
+        """A model run that raised ends the requests it was running, and only those: their KV
+        may be half-written, while waiting requests and running ones left out of the step hold
+        nothing it touched. The step is not counted as done, so their blocks are freed as they
+        are."""
+        self.counters.num_consecutive_failed_steps += 1
+        ids = [s.seq.request_id for s in out.scheduled]
+        log.error("engine step failed; ending its %d requests (%s): %r", len(ids),
+                  ", ".join(ids), exc, exc_info=exc)
+        return [self._finish(self._states[i], FinishReason.ERROR, f"engine step failed: {exc!r}")
+                for i in ids if i in self._states]
+
+    def _inject_step_faults(self, out: SchedulerOutput) -> None:
+        if not self.faults.active:
+            return
+        for s in out.scheduled:
+            kinds = self._states[s.seq.request_id].faults
+            if FaultKind.LOOP_CRASH in kinds:
+                raise InjectedLoopCrash("injected engine loop crash")
+            if FaultKind.STEP_ERROR in kinds:
+                raise InjectedFault("injected model step fault")
+
     def _postprocess(self, out: SchedulerOutput, result: StepResult) -> list[GenerationDelta]:
         self.counters.num_steps += 1
         deltas: list[GenerationDelta] = []
@@ -235,7 +271,15 @@ class LLMEngine:
             if s.seq.num_output_tokens == 0:
                 # Counted once, when the prefill completes (not again after a preemption).
                 self.counters.num_prompt_tokens += s.seq.num_prompt_tokens
-            delta = self.outputs.on_token(state, sampled, accepted.get(s.seq.seq_id))
+            try:
+                delta = self.outputs.on_token(state, sampled, accepted.get(s.seq.seq_id))
+            except Exception as exc:
+                # Detokenising or a stop rule failed for this request: it alone ends.
+                log.error("output processing failed for request %s: %r", state.seq.request_id,
+                          exc, exc_info=exc)
+                deltas.append(self._finish(state, FinishReason.ERROR,
+                                           f"output processing failed: {exc!r}"))
+                continue
             if delta.finished:
                 self._release(state)
             deltas.append(delta)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from engine.core.runner import SampledToken
 from engine.core.sequence import Sequence
+from engine.faults import FaultKind, InjectedFault
 from engine.outputs import FinishReason, GenerationDelta, RequestTimings, TokenLogprob
 from engine.structured.matchers import SequenceGrammar
 from engine.tokenizer.detokenizer import IncrementalDetokenizer
@@ -32,6 +33,8 @@ class RequestState:
     pending_text: list[str] = field(default_factory=list)
     # The matcher of a constrained request, set when its grammar is ready.
     grammar: SequenceGrammar | None = None
+    # Test-only faults armed for this request (engine/faults.py); empty in production.
+    faults: frozenset[FaultKind] = frozenset()
 
 
 class OutputProcessor:
@@ -76,6 +79,8 @@ class OutputProcessor:
             state.first_token_time = now
         state.last_token_time = now
 
+        if FaultKind.DETOKENIZE_ERROR in state.faults and seq.num_output_tokens >= 2:
+            raise InjectedFault("injected detokenizer fault")
         text = ""
         error = None
         if grammar_accepted is None and state.grammar is not None:

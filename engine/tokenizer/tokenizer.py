@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from tokenizers import Tokenizer as RustTokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from engine.faults import FaultPlan
+
 # sentencepiece's word-boundary marker: a space in the text.
 SPIECE_SPACE = "\u2581"
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -27,10 +29,12 @@ class Tokenizer:
     the engine thread may decode while the HTTP thread encodes.
     """
 
-    def __init__(self, hf: PreTrainedTokenizerBase) -> None:
+    def __init__(self, hf: PreTrainedTokenizerBase, faults: FaultPlan | None = None) -> None:
         if hf.eos_token_id is None:
             raise ValueError("the tokenizer defines no EOS token; generation could never stop")
         self._hf = hf
+        # Test-only fault hooks (engine/faults.py); None in production.
+        self._faults = faults if faults is not None and faults.active else None
         # The Rust tokenizer behind a fast tokenizer: its decode is what hf.decode runs, minus
         # about 6 us of Python per call, which matters at two window decodes per token.
         backend = getattr(hf, "backend_tokenizer", None)
@@ -56,9 +60,10 @@ class Tokenizer:
         self._bytes: tuple[bytes, ...] = tuple(raw)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike[str]) -> Tokenizer:
+    def from_pretrained(cls, path: str | os.PathLike[str],
+                        faults: FaultPlan | None = None) -> Tokenizer:
         """Load the tokenizer files of a local checkpoint folder (or a hub repo id)."""
-        return cls(AutoTokenizer.from_pretrained(str(path)))
+        return cls(AutoTokenizer.from_pretrained(str(path)), faults)
 
     @property
     def hf(self) -> PreTrainedTokenizerBase:
@@ -98,6 +103,8 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; with ``add_special_tokens`` they start with BOS, as Llama's
         prompts must, even where a checkpoint's tokenizer_config forgets to ask for it."""
+        if self._faults is not None:
+            self._faults.check_tokenize(text)
         ids: list[int] = self._hf.encode(text, add_special_tokens=add_special_tokens)
         bos = self._bos_token_id
         if add_special_tokens and bos is not None and ids[:1] != [bos]:
