@@ -99,7 +99,8 @@ async def test_sigterm_lets_open_requests_finish_and_exits_0(
             assert done.json()["usage"]["completion_tokens"] == max_tokens
         code = await asyncio.to_thread(server.wait, 10)
         assert code == 0, server.log()
-        assert time.monotonic() - sent < 6, "the drain waited for a request that had gone"
+        # The gone request asked for 20 s of tokens: a drain that waited for it takes that long.
+        assert time.monotonic() - sent < 12, "the drain waited for a request that had gone"
         assert "drained" in server.log()
     finally:
         server.stop()
@@ -123,7 +124,7 @@ async def test_requests_past_the_shutdown_timeout_end_with_an_error_and_done(
             assert cut.status_code == 503 and "error" in cut.json()
         code = await asyncio.to_thread(server.wait, 15)
         assert code == 0, server.log()
-        assert time.monotonic() - sent < 8
+        assert time.monotonic() - sent < 14  # 1 s of grace, not the 20 s the requests asked for
     finally:
         server.stop()
 
