@@ -109,7 +109,8 @@ def _load_folder(spec: LoraSpec, folder: Path, arch: LlamaArchConfig,
     if not pairs:
         raise LoraError(f"{weights_path}: no lora_A/lora_B tensors of a decoder layer")
     modules: dict[tuple[int, str], LoraModuleWeights] = {}
-    for (layer, module), (a, b) in sorted(pairs.items()):
+    for (layer, module), (a, b) in sorted(pairs.items(), key=lambda kv: (
+            kv[0][0], TARGET_MODULES.index(kv[0][1]))):
         key = f"model.layers.{layer}.{_BLOCK_OF[module]}.{module}"
         in_f, out_f = shapes[module]
         r = pattern_value(config.rank_pattern, key, config.r)

@@ -83,7 +83,7 @@ class DecodeGraphs:
             lora=None if model.lora is None or not model.lora.kernels.graph_capturable
             else LoraBatch(sorted_rows=torch.zeros(size, dtype=torch.int32, device=device),
                            seg_start=torch.zeros(model.lora.max_loras + 1, dtype=torch.int32,
-                                                 device=device), segments=()))
+                                                 device=device), groups=()))
         # (bucket, with LoRA) -> graph and its output: logits [bucket, V] float32.
         self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self._logits: dict[tuple[int, bool], torch.Tensor] = {}

@@ -22,18 +22,29 @@ import torch
 
 
 @dataclass(frozen=True)
+class LoraGroup:
+    """The rows of one slot in a step: ``[start, end)`` when they are consecutive (a slice, no
+    gather), else the row indices ``rows``."""
+
+    slot: int
+    start: int
+    end: int
+    rows: torch.Tensor | None  # [n] int64 on the device, or None for [start, end)
+
+
+@dataclass(frozen=True)
 class LoraBatch:
     """Which adapter slot each token row of a step uses.
 
     Invariant: the rows of slot ``l`` are ``sorted_rows[seg_start[l]:seg_start[l + 1]]``; rows of
     the base model are in no segment (entries of ``sorted_rows`` past ``seg_start[-1]`` are
-    never read). ``segments`` says the same on the host, as runs of consecutive rows; it is
+    never read). ``groups`` says the same per slot for kernels that loop on the host; it is
     empty in a CUDA graph's static batch, whose kernels read only the device tensors.
     """
 
     sorted_rows: torch.Tensor  # [>= rows with an adapter] int32
     seg_start: torch.Tensor  # [max_loras + 1] int32, non-decreasing
-    segments: tuple[tuple[int, int, int], ...]  # (first row, end row, slot)
+    groups: tuple[LoraGroup, ...]
 
 
 class LoraSite:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from engine.model.lora.base import LoraBatch
+from engine.model.lora.base import LoraBatch, LoraGroup
 
 
 def lora_batch(slots: list[int], num_rows: list[int], num_slots: int,
@@ -17,19 +17,20 @@ def lora_batch(slots: list[int], num_rows: list[int], num_slots: int,
     if all(s < 0 for s in slots):
         return None
     by_slot: list[list[int]] = [[] for _ in range(num_slots)]
-    segments: list[tuple[int, int, int]] = []
     row = 0
     for slot, n in zip(slots, num_rows, strict=True):
-        if slot >= 0 and n:
+        if slot >= 0:
             by_slot[slot].extend(range(row, row + n))
-            if segments and segments[-1][2] == slot and segments[-1][1] == row:
-                segments[-1] = (segments[-1][0], row + n, slot)  # one run of consecutive rows
-            else:
-                segments.append((row, row + n, slot))
         row += n
     seg_start = [0]
-    for rows in by_slot:
+    groups = []
+    for slot, rows in enumerate(by_slot):
         seg_start.append(seg_start[-1] + len(rows))
+        if not rows:
+            continue
+        consecutive = rows[-1] - rows[0] + 1 == len(rows)  # rows ascend: a run
+        groups.append(LoraGroup(slot, rows[0], rows[-1] + 1,
+                                None if consecutive else to_device(rows, torch.int64)))
     sorted_rows = [r for rows in by_slot for r in rows]
     return LoraBatch(sorted_rows=to_device(sorted_rows, torch.int32),
-                     seg_start=to_device(seg_start, torch.int32), segments=tuple(segments))
+                     seg_start=to_device(seg_start, torch.int32), groups=tuple(groups))
