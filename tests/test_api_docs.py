@@ -21,8 +21,9 @@ def test_every_request_field_is_documented(model: type) -> None:
     assert not missing, f"docs/api.md does not say whether these are supported: {missing}"
 
 
-def test_every_route_is_documented() -> None:
-    app = create_app(Settings(), engine=None)
+@pytest.mark.parametrize("runtime_lora", [False, True])
+def test_every_route_is_documented(runtime_lora: bool) -> None:
+    app = create_app(Settings(allow_runtime_lora_updating=runtime_lora), engine=None)
     for route in app.routes:
         if isinstance(route, APIRoute):
             for method in route.methods:

@@ -19,7 +19,6 @@ from engine.model.lora.batching import lora_batch
 from engine.model.lora.torch_ref import TorchLoraKernels
 from engine.model.lora.triton_sgmv import TritonLoraKernels
 from engine.params import SamplingParams
-from tests.conftest import cpu_engine_config
 from tests.lora_helpers import lora_logits, make_adapter
 
 pytestmark = [
@@ -113,7 +112,10 @@ def test_cuda_engine_logits_with_adapters_match_the_cpu_reference(
         model=str(checkpoint), revision=None, offline=True, device="cuda", num_kv_blocks=128,
         max_num_seqs=8, max_num_batched_tokens=256, max_model_len=512,
         lora=_lora(adapters, 2)))
-    cpu = LLMEngine.from_config(cpu_engine_config(checkpoint, lora=_lora(adapters, 3)))
+    cpu = LLMEngine.from_config(EngineConfig(
+        model=str(checkpoint), revision=None, offline=True, device="cpu", dtype="float32",
+        num_kv_blocks=128, max_num_seqs=8, max_num_batched_tokens=256, max_model_len=512,
+        lora=_lora(adapters, 3)))
     assert gpu.runner.graphs is not None and gpu.runner.graphs.captures_lora
     prompt = list(range(3, 3 + 45))
     for name in (None, *adapters):

@@ -40,7 +40,7 @@ async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request
         raise bad_request(f"'{body.lora_name}' is the base model's name; choose another "
                           "lora_name", "lora_name")
     try:
-        spec = LoraSpec.parse(f"{body.lora_name}={body.lora_path}")
+        spec = LoraSpec.of(body.lora_name, body.lora_path)
         await engine.load_lora(spec, replace=body.load_inplace)
     except LoraError as exc:
         raise bad_request(str(exc), "lora_path" if exc.code == "invalid_lora" else "lora_name",

@@ -110,12 +110,14 @@ class AsyncEngine:
 
     async def load_lora(self, spec: LoraSpec, replace: bool = False) -> LoraAdapterInfo:
         """Read and check the adapter off the event loop, then serve it. Raises LoraError."""
+        self._check_running()
         adapter = await asyncio.to_thread(self._engine.read_adapter, spec)
         done: asyncio.Future[LoraAdapterInfo] = asyncio.get_running_loop().create_future()
         self._post(_LoadLora(adapter, replace, done))
         return await done
 
     async def unload_lora(self, name: str) -> None:
+        self._check_running()
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._post(_UnloadLora(name, done))
         await done
@@ -133,6 +135,13 @@ class AsyncEngine:
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
+
+    def _check_running(self) -> None:
+        """Commands posted to a loop that is not running would never be answered."""
+        thread = self._thread
+        if self._loop is None or self._stop.is_set() or thread is None \
+                or not thread.is_alive():
+            raise RuntimeError("the engine is not running")
 
     async def generate(self, prompt_token_ids: Sequence[int], params: SamplingParams,
                        request_id: str, lora: str | None = None

@@ -52,12 +52,16 @@ class LoraSpec:
         if not sep or not name or not ref:
             raise LoraError(f"--lora-modules entry {text!r} must read name=path or "
                             "name=repo_id@revision")
+        return cls.of(name, ref)
+
+    @classmethod
+    def of(cls, name: str, ref: str) -> LoraSpec:
+        """``name`` loaded from ``ref``: a path, or ``repo_id@revision``."""
         revision = None
         if "@" in ref and not Path(ref).expanduser().exists():
             ref, revision = ref.rsplit("@", 1)
             if not ref or not revision:
-                raise LoraError(f"--lora-modules entry {text!r}: empty path or revision "
-                                "around '@'")
+                raise LoraError(f"LoRA adapter '{name}': empty path or revision around '@'")
         return cls(name=name, source=ref, revision=revision)
 
     def describe(self) -> str:
