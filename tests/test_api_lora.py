@@ -21,7 +21,7 @@ from engine.tokenizer.tokenizer import Tokenizer
 from tests.fake_engine import ServerProcess, scrape
 from tests.lora_helpers import PeftReference, make_adapter
 from tests.schemas.validate import validate
-from tests.server import MetricsWatch, real_server
+from tests.server import MetricsWatch, real_server, strict_client
 
 pytest.importorskip("peft")
 
@@ -61,8 +61,7 @@ def server(tiny_checkpoint: Path, adapters: dict[str, Path],
 
 @pytest.fixture(scope="module")
 def client(server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0,
-                         _strict_response_validation=True)
+    return strict_client(server, KEY)
 
 
 def post(server: ServerProcess, path: str, body: dict[str, Any]) -> httpx.Response:
