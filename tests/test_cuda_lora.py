@@ -142,7 +142,10 @@ def test_decode_graphs_with_lora_equal_eager_steps(checkpoint: Path,
     out = engine.scheduler.schedule()
     assert len(out.scheduled) == 5 and all(s.num_new_tokens == 1 for s in out.scheduled)
     inputs = runner.step_inputs(out)
-    assert inputs.lora is not None and len(inputs.lora.groups) == 2  # all7 (two rows), qv
+    assert inputs.lora is not None and inputs.lora.groups == ()  # the kernels need none
+    seg = inputs.lora.seg_start.tolist()
+    counts = [b - a for a, b in zip(seg[:-1], seg[1:], strict=True)]
+    assert sorted(c for c in counts if c) == [1, 2]  # qv once, all7 twice
     saved = [(k.clone(), v.clone()) for k, v in runner.kv_caches]
     eager = runner.model.compute_logits(runner.model.forward(
         inputs.input_ids, inputs.positions, runner.kv_caches, inputs.meta, inputs.lora))

@@ -221,3 +221,19 @@ def test_requests_for_an_unknown_adapter_or_without_lora_are_refused(
         lora.load_lora(lora.read_adapter(LoraSpec("all7", str(adapters["all7"]))))
     assert err.value.code == "lora_exists"
 
+
+
+def test_a_linear_backend_must_declare_lora_support(tiny_checkpoint: Path) -> None:
+    from engine.config import ConfigError
+    from engine.core.build import make_lora_model_config
+    from engine.model.linear.torch_ref import TorchLinearBackend
+
+    class NoLora(TorchLinearBackend):
+        supports_lora = False
+
+    config = cpu_engine_config(tiny_checkpoint, lora=LoraConfig())
+    backend = NoLora(torch.float32, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="cannot serve LoRA adapters"):
+        make_lora_model_config(config, backend, torch.device("cpu"))
+    assert make_lora_model_config(cpu_engine_config(tiny_checkpoint), backend,
+                                  torch.device("cpu")) is None

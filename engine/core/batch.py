@@ -26,10 +26,11 @@ class StepInputs:
 
 
 def build_step_inputs(out: SchedulerOutput, block_size: int, device: torch.device,
-                      lora_slots: list[int] | None = None, num_lora_slots: int = 0
-                      ) -> StepInputs:
+                      lora_slots: list[int] | None = None, num_lora_slots: int = 0,
+                      lora_groups: bool = True) -> StepInputs:
     """``lora_slots``: the adapter slot of each scheduled sequence (-1: the base model), with
-    ``num_lora_slots`` slots in the model; None when LoRA is off."""
+    ``num_lora_slots`` slots in the model; None when LoRA is off. ``lora_groups``: whether the
+    model's LoRA kernels read the batch's host groups."""
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -79,7 +80,8 @@ def build_step_inputs(out: SchedulerOutput, block_size: int, device: torch.devic
         seq_lens_cpu=seq_lens,
     )
     lora = None if lora_slots is None else lora_batch(
-        lora_slots, [s.num_new_tokens for s in out.scheduled], num_lora_slots, to_dev)
+        lora_slots, [s.num_new_tokens for s in out.scheduled], num_lora_slots, to_dev,
+        lora_groups)
     return StepInputs(
         input_ids=to_dev(input_ids, torch.int64),
         positions=to_dev(positions, torch.int64),

@@ -90,14 +90,14 @@ class ModelRunner:
 
     def step_inputs(self, out: SchedulerOutput) -> StepInputs:
         """The step's tensors, its adapters made resident first (each row's slot)."""
-        slots = None
-        if self.lora is not None:
-            placed = self.lora.prepare(s.seq.lora.id for s in out.scheduled
-                                       if s.seq.lora is not None)
-            slots = [-1 if s.seq.lora is None else placed[s.seq.lora.id]
-                     for s in out.scheduled]
+        lora = self.model.lora
+        if self.lora is None or lora is None:
+            return build_step_inputs(out, self.block_size, self.model.device)
+        placed = self.lora.prepare(s.seq.lora.id for s in out.scheduled
+                                   if s.seq.lora is not None)
+        slots = [-1 if s.seq.lora is None else placed[s.seq.lora.id] for s in out.scheduled]
         return build_step_inputs(out, self.block_size, self.model.device, slots,
-                                 0 if self.lora is None else self.lora.max_loras)
+                                 lora.max_loras, lora.kernels.reads_groups)
 
     def run(self, out: SchedulerOutput, grammars: StepGrammars | None = None) -> StepResult:
         """``grammars``: the constrained sequences' matchers (a per-row side input of the step,

@@ -38,8 +38,8 @@ class LoraBatch:
 
     Invariant: the rows of slot ``l`` are ``sorted_rows[seg_start[l]:seg_start[l + 1]]``; rows of
     the base model are in no segment (entries of ``sorted_rows`` past ``seg_start[-1]`` are
-    never read). ``groups`` says the same per slot for kernels that loop on the host; it is
-    empty in a CUDA graph's static batch, whose kernels read only the device tensors.
+    never read). ``groups`` says the same per slot, for kernels that loop on the host; it is
+    empty for kernels that read only the device tensors (and in a CUDA graph's static batch).
     """
 
     sorted_rows: torch.Tensor  # [>= rows with an adapter] int32
@@ -90,6 +90,9 @@ class LoraKernels(Protocol):
     name: str
     # Whether ``add`` reads only device tensors of the batch (so it can run in a CUDA graph).
     graph_capturable: bool
+    # Whether ``add`` loops over the batch's host ``groups`` (else they are not built: on a
+    # GPU each group's row indices would cost an upload per step for nothing).
+    reads_groups: bool
 
     def add(self, y: torch.Tensor, x: torch.Tensor, site: LoraSite, batch: LoraBatch) -> None:
         """y: [T, out] += each adapter row's delta of x: [T, in], in place."""

@@ -10,10 +10,12 @@ from engine.model.lora.base import LoraBatch, LoraGroup
 
 
 def lora_batch(slots: list[int], num_rows: list[int], num_slots: int,
-               to_device: Callable[[list[int], torch.dtype], torch.Tensor]) -> LoraBatch | None:
+               to_device: Callable[[list[int], torch.dtype], torch.Tensor],
+               with_groups: bool = True) -> LoraBatch | None:
     """``slots[i]``: the slot of sequence i (-1: the base model), whose ``num_rows[i]`` token
     rows follow the previous sequence's. None when no row uses an adapter (the step then runs
-    no LoRA kernel at all). ``to_device(list, dtype)`` uploads a host list."""
+    no LoRA kernel at all). ``to_device(list, dtype)`` uploads a host list; ``with_groups``
+    builds the host groups (for kernels that read them)."""
     if all(s < 0 for s in slots):
         return None
     by_slot: list[list[int]] = [[] for _ in range(num_slots)]
@@ -26,7 +28,7 @@ def lora_batch(slots: list[int], num_rows: list[int], num_slots: int,
     groups = []
     for slot, rows in enumerate(by_slot):
         seg_start.append(seg_start[-1] + len(rows))
-        if not rows:
+        if not rows or not with_groups:
             continue
         consecutive = rows[-1] - rows[0] + 1 == len(rows)  # rows ascend: a run
         groups.append(LoraGroup(slot, rows[0], rows[-1] + 1,

@@ -12,6 +12,7 @@ class TorchLoraKernels:
     name = "torch"
     # Loops over the host groups: which rows each slot has changes every step.
     graph_capturable = False
+    reads_groups = True
 
     def add(self, y: torch.Tensor, x: torch.Tensor, site: LoraSite, batch: LoraBatch) -> None:
         r = site.max_rank

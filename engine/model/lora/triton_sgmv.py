@@ -118,6 +118,7 @@ def split_k(k: int) -> int:
 class TritonLoraKernels:
     name = "triton"
     graph_capturable = True
+    reads_groups = False
 
     def __init__(self, max_num_tokens: int, max_width: int, device: torch.device) -> None:
         """``max_width``: the largest S * max_rank of any layer (the shrink's output width)."""
