@@ -10,15 +10,16 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from engine.lora.registry import LoraAdapterInfo
-from engine.outputs import EngineStats
 
 
 @dataclass(frozen=True)
 class LoraView:
-    """What the collector reads: the served adapters, the stats and the device slot count."""
+    """What the collector reads: the served adapters, those of the running and the waiting
+    requests, and the device slot count (0: LoRA off)."""
 
     adapters: tuple[LoraAdapterInfo, ...]
-    stats: EngineStats
+    running: tuple[str, ...]
+    waiting: tuple[str, ...]
     max_loras: int
 
 
@@ -43,6 +44,6 @@ class LoraCollector(Collector):
             "gptq_lora_requests_info", "LoRA adapters of the running and the waiting requests "
             "(comma-separated) and the device slot count (vLLM's lora_requests_info).",
             labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
-        requests.add_metric([str(view.max_loras), ",".join(view.stats.running_lora_adapters),
-                             ",".join(view.stats.waiting_lora_adapters)], 1)
+        requests.add_metric([str(view.max_loras), ",".join(view.running),
+                             ",".join(view.waiting)], 1)
         yield requests

@@ -46,8 +46,9 @@ class ServerState:
     def lora_view(self) -> LoraView | None:
         if self.engine is None:
             return None
-        return LoraView(self.engine.lora_adapters(), self.engine.stats(),
-                        self.engine.model_info.max_loras)
+        stats = self.engine.stats()
+        return LoraView(self.engine.lora_adapters(), stats.running_lora_adapters,
+                        stats.waiting_lora_adapters, self.engine.model_info.max_loras)
 
     def require_engine(self) -> EngineClient:
         """The engine, or 503 while loading / warming up / draining."""
