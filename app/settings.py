@@ -273,7 +273,7 @@ def grouped_settings() -> list[tuple[SettingGroup, list[tuple[str, FieldInfo]]]]
 # Flag spellings that differ from the field name.
 _FLAG_NAMES = {"api_keys": "api-key"}
 # List flags that take several values at once (vLLM's "--lora-modules a=x b=y").
-_SEVERAL_PER_FLAG = {"lora_modules"}
+_SEVERAL_PER_FLAG = {"lora_modules": "NAME=PATH[@REVISION]"}
 
 
 def flag_name(field: str) -> str:
@@ -301,7 +301,8 @@ def _add_flag(parser: argparse._ActionsContainer, name: str, field: FieldInfo) -
                             default=argparse.SUPPRESS, help=help_text)
     elif name in _SEVERAL_PER_FLAG:
         parser.add_argument(flag, dest=name, nargs="+", action="extend",
-                            default=argparse.SUPPRESS, help=help_text + " (repeatable)")
+                            default=argparse.SUPPRESS, help=help_text + " (repeatable)",
+                            metavar=_SEVERAL_PER_FLAG[name])
     elif "list" in str(field.annotation):
         parser.add_argument(flag, dest=name, action="append", default=argparse.SUPPRESS,
                             help=help_text + " (repeatable)")

@@ -203,8 +203,9 @@ class LLMEngine:
         self.runner.add_lora(handle.id, adapter)
         if dropped is not None:
             self.runner.drop_lora(dropped)
-        log.info("LoRA adapter '%s' loaded from %s: rank %d on %s", spec.name, spec.describe(),
-                 adapter.rank, ", ".join(adapter.target_modules))
+        log.info("LoRA adapter '%s' loaded from %s: rank %d on %s (%.1f MiB)", spec.name,
+                 spec.describe(), adapter.rank, ", ".join(adapter.target_modules),
+                 adapter.nbytes / 2**20)
         return info
 
     def unload_lora(self, name: str) -> None:
