@@ -1,5 +1,6 @@
 """LoRA metrics read at scrape time: one info sample per served adapter, and vLLM's
-lora_requests_info (the adapters of the running and waiting requests)."""
+lora_requests_info (the adapters of the running and waiting requests; max_lora 0 and no
+adapters when LoRA is off, so the family, and its vLLM alias, exist once an engine does)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ class LoraCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         view = self._view()
-        if view is None or not view.max_loras:
+        if view is None:  # no engine yet (its gauges appear with it)
             return
         info = GaugeMetricFamily(
             "gptq_lora_adapter_info", "A served LoRA adapter (value 1), by name; parent is the "
