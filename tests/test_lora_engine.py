@@ -76,7 +76,7 @@ def run_checked(engine: LLMEngine, requests: dict[str, tuple[list[int], str | No
         used = {s.seq.lora.id for s in out.scheduled if s.seq.lora is not None}
         assert len(used) <= max_loras
         result = run(out, grammars)
-        resident = engine.runner.lora.resident  # type: ignore[union-attr]
+        resident = engine.runner.lora_slots.resident  # type: ignore[union-attr]
         assert used <= set(resident) and len(set(resident.values())) == len(resident)
         seen.append(len(used))
         return result
@@ -149,7 +149,7 @@ def test_three_adapters_and_the_base_in_one_batch_over_two_slots(
     deltas = run_checked(engine, requests, max_loras=2, most_adapters=most)
     assert most == [2]  # steps did mix adapters (and the base)
     assert_matches_peft(deltas, requests, adapters, ref)
-    assert engine.runner.lora.num_swaps >= 3  # type: ignore[union-attr]
+    assert engine.runner.lora_slots.num_swaps >= 3  # type: ignore[union-attr]
 
 
 def test_chunked_prefill_and_preemption_with_adapters(
@@ -202,7 +202,7 @@ def test_unloading_an_adapter_lets_its_running_requests_finish(
     while engine.has_work:
         deltas += engine.step()
     assert output_tokens(deltas) == ref.greedy(adapters["mlp"], prompt, NEW_TOKENS)
-    lora = engine.runner.lora
+    lora = engine.runner.lora_slots
     assert lora is not None and lora.resident == {}  # its slot and host copy are gone
     with pytest.raises(LoraError, match="cannot be found"):
         engine.unload_lora("mlp")

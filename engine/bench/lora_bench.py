@@ -77,12 +77,12 @@ def run(args: argparse.Namespace) -> list[Row]:
                                          loras=loras))
     tok_s = {kind: statistics.median(r.tokens_per_s for r in reps)
              for kind, reps in runs.items()}
-    assert engine.runner.lora is not None
+    assert engine.runner.lora_slots is not None
     rows = [Row(f"linear / attention: {info.linear_backend} / {info.attention_backend}; "
                 f"{args.streams} streams, {args.lora_prompt_len} prompt + {args.output_len} "
                 f"generated tokens each; LoRA: {args.adapters} adapters of rank "
                 f"{args.lora_rank} on {', '.join(TARGET_MODULES)}", 0, ""),
-            Row("LoRA slots on the device", engine.runner.lora.device_bytes / 2**20, "MiB")]
+            Row("LoRA slots on the device", engine.runner.lora_slots.device_bytes / 2**20, "MiB")]
     for kind, label in (("base", f"{args.streams} streams on the base model"),
                         ("lora", f"{args.streams} streams over {args.adapters} adapters")):
         rows += [Row(f"{label}: decode throughput", tok_s[kind], "tok/s"),

@@ -222,7 +222,7 @@ class LLMEngine:
         start = time.monotonic()
         for spec in specs:
             self.load_lora(self.read_adapter(spec))
-        slots = self.runner.lora
+        slots = self.runner.lora_slots
         assert slots is not None
         timed_stage(log, "lora", start, f"{len(specs)} adapters loaded; {slots.max_loras} "
                     f"device slots of rank {self.model_info.max_lora_rank} "

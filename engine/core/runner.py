@@ -71,29 +71,29 @@ class ModelRunner:
                                        sink_slot=num_blocks * block_size)
             self.graphs.capture()
         # The model's adapter slots and the host copies of every loaded adapter (LoRA on).
-        self.lora: LoraSlots | None = None
+        self.lora_slots: LoraSlots | None = None
         if model.lora is not None:
-            self.lora = LoraSlots(model.lora_sites, model.lora.max_loras, model.dtype,
-                                  model.device)
+            self.lora_slots = LoraSlots(model.lora_sites, model.lora.max_loras, model.dtype,
+                                        model.device)
         self.sampler = Sampler(vocab_size, seed=seed)
         self.vocab_size = vocab_size
         # Per-request generators for seeded sampling, keyed by seq_id; released on finish.
         self._generators: dict[int, torch.Generator] = {}
 
     def add_lora(self, adapter_id: int, adapter: LoraAdapter) -> None:
-        assert self.lora is not None, "LoRA is off"
-        self.lora.add(adapter_id, adapter)
+        assert self.lora_slots is not None, "LoRA is off"
+        self.lora_slots.add(adapter_id, adapter)
 
     def drop_lora(self, adapter_id: int) -> None:
-        if self.lora is not None:
-            self.lora.remove(adapter_id)
+        if self.lora_slots is not None:
+            self.lora_slots.remove(adapter_id)
 
     def step_inputs(self, out: SchedulerOutput) -> StepInputs:
         """The step's tensors, its adapters made resident first (each row's slot)."""
         lora = self.model.lora
-        if self.lora is None or lora is None:
+        if self.lora_slots is None or lora is None:
             return build_step_inputs(out, self.block_size, self.model.device)
-        placed = self.lora.prepare(s.seq.lora.id for s in out.scheduled
+        placed = self.lora_slots.prepare(s.seq.lora.id for s in out.scheduled
                                    if s.seq.lora is not None)
         slots = [-1 if s.seq.lora is None else placed[s.seq.lora.id] for s in out.scheduled]
         return build_step_inputs(out, self.block_size, self.model.device, slots,
