@@ -76,11 +76,13 @@ class EngineClient(Protocol):
         ...
 
     async def load_lora(self, spec: LoraSpec, replace: bool = False) -> LoraAdapterInfo:
-        """Load and serve an adapter; raises LoraError (bad adapter, name taken, LoRA off)."""
+        """Load and serve an adapter; raises LoraError (bad adapter, name taken, LoRA off) or
+        EngineDeadError (the engine has stopped)."""
         ...
 
     async def unload_lora(self, name: str) -> None:
-        """Stop serving an adapter (running requests finish with it); LoraError if unknown."""
+        """Stop serving an adapter (running requests finish with it); LoraError if unknown,
+        EngineDeadError if the engine has stopped."""
         ...
 
     def abort(self, request_id: str) -> None:

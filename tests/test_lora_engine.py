@@ -261,3 +261,29 @@ def test_grammar_constrained_requests_run_with_adapters(tiny_checkpoint: Path,
     texts = {rid: "".join(d.text for d in ds) for rid, ds in deltas.items()}
     assert all(re.fullmatch(regex, t) for t in texts.values()), texts
     assert len(set(texts.values())) > 1  # the adapters still change what is generated
+
+
+async def test_async_loads_and_unloads_and_never_leave_a_caller_waiting(
+        tiny_checkpoint: Path, adapters: dict[str, Path]) -> None:
+    from engine.client import EngineDeadError
+    from engine.core.async_engine import AsyncEngine
+
+    engine = AsyncEngine.from_config(cpu_engine_config(tiny_checkpoint, lora=LoraConfig(
+        max_loras=1, max_lora_rank=8, allow_runtime_updates=True)))
+    await engine.start()
+    try:
+        info = await engine.load_lora(LoraSpec("mlp", str(adapters["mlp"])))
+        assert info.rank == 8 and engine.lora_adapters() == (info,)
+        with pytest.raises(LoraError, match="already been loaded"):
+            await engine.load_lora(LoraSpec("mlp", str(adapters["mlp"])))
+        await engine.unload_lora("mlp")
+        assert engine.lora_adapters() == ()
+        # A loop that dies with a load unanswered fails it rather than leaving it waiting.
+        pending = engine._lora_waiter()
+        engine._fail_all_callers("the engine loop stopped: test")
+        with pytest.raises(EngineDeadError):
+            await pending
+    finally:
+        await engine.shutdown()
+    with pytest.raises(EngineDeadError):
+        await engine.load_lora(LoraSpec("mlp", str(adapters["mlp"])))

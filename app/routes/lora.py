@@ -10,9 +10,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 
-from app.errors import OpenAIError, bad_request
+from app.errors import OpenAIError, bad_request, engine_unavailable
 from app.protocol.common import RequestModel
 from app.routes.common import server_state
+from engine.client import EngineDeadError
 from engine.lora.spec import LoraError, LoraSpec
 
 router = APIRouter()
@@ -45,6 +46,8 @@ async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request
     except LoraError as exc:
         raise bad_request(str(exc), "lora_path" if exc.code == "invalid_lora" else "lora_name",
                           code=exc.code) from exc
+    except EngineDeadError as exc:
+        raise engine_unavailable() from exc
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
@@ -57,4 +60,6 @@ async def unload_lora_adapter(body: UnloadLoraAdapterRequest, request: Request
     except LoraError as exc:
         status = 404 if exc.code == "lora_not_found" else 400
         raise OpenAIError(status, str(exc), param="lora_name", code=exc.code) from exc
+    except EngineDeadError as exc:
+        raise engine_unavailable() from exc
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

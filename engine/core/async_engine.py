@@ -86,6 +86,8 @@ class AsyncEngine:
         self._queues: dict[str, asyncio.Queue[GenerationDelta | BaseException | _EngineDied]] = {}
         # Set by the engine thread, once, when the loop dies; read by generate().
         self._death: str | None = None
+        # load_lora / unload_lora calls the engine thread has not answered yet.
+        self._lora_waiters: set[asyncio.Future] = set()
         self._stats = self._snapshot(alive=False)
         # Replaced whole by the engine thread after each load or unload: readers see either.
         self._lora_infos = engine.lora_adapters()
@@ -109,18 +111,28 @@ class AsyncEngine:
         return self._lora_infos
 
     async def load_lora(self, spec: LoraSpec, replace: bool = False) -> LoraAdapterInfo:
-        """Read and check the adapter off the event loop, then serve it. Raises LoraError."""
+        """Read and check the adapter off the event loop, then serve it. Raises LoraError, or
+        EngineDeadError once the loop has stopped."""
         self._check_running()
         adapter = await asyncio.to_thread(self._engine.read_adapter, spec)
-        done: asyncio.Future[LoraAdapterInfo] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[LoraAdapterInfo] = self._lora_waiter()
         self._post(_LoadLora(adapter, replace, done))
         return await done
 
     async def unload_lora(self, name: str) -> None:
         self._check_running()
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[None] = self._lora_waiter()
         self._post(_UnloadLora(name, done))
         await done
+
+    def _lora_waiter(self) -> asyncio.Future:
+        """A future the engine thread settles; kept until then, so that a loop that stops
+        first fails it instead of leaving its caller waiting (``_fail_all_callers``)."""
+        self._check_running()  # again: the loop may have stopped while the files were read
+        done: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._lora_waiters.add(done)
+        done.add_done_callback(self._lora_waiters.discard)
+        return done
 
     async def start(self) -> None:
         if self._thread is not None:
@@ -135,13 +147,16 @@ class AsyncEngine:
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
+        self._fail_lora_waiters("the server is shutting down")  # commands left in the inbox
 
     def _check_running(self) -> None:
         """Commands posted to a loop that is not running would never be answered."""
+        if self._death is not None:
+            raise EngineDeadError(self._death)
         thread = self._thread
         if self._loop is None or self._stop.is_set() or thread is None \
                 or not thread.is_alive():
-            raise RuntimeError("the engine is not running")
+            raise EngineDeadError("the engine is not running")
 
     async def generate(self, prompt_token_ids: Sequence[int], params: SamplingParams,
                        request_id: str, lora: str | None = None
@@ -233,6 +248,12 @@ class AsyncEngine:
     def _fail_all_callers(self, reason: str) -> None:
         for queue in self._queues.values():
             queue.put_nowait(_EngineDied(reason))
+        self._fail_lora_waiters(reason)
+
+    def _fail_lora_waiters(self, reason: str) -> None:
+        for done in list(self._lora_waiters):
+            if not done.done():
+                done.set_exception(EngineDeadError(reason))
 
     def _drain_inbox(self) -> list[GenerationDelta | tuple[str, BaseException]]:
         with self._inbox_lock:
