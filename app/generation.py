@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from app.errors import OpenAIError, engine_unavailable, internal_error
 from app.state import ServerState
 from engine.client import EngineClient, EngineDeadError
+from engine.lora.spec import LoraError
 from engine.outputs import FinishReason, GenerationDelta
 from engine.params import SEED_MIN, SamplingParams
 
@@ -26,6 +27,7 @@ class ChoiceJob:
     index: int
     prompt_token_ids: list[int]
     params: SamplingParams
+    lora: str | None = None  # the LoRA adapter to run with (None: the base model)
 
 
 @dataclass
@@ -54,6 +56,8 @@ class Generation:
     # Shown in logs next to the HTTP request id; engine request ids are "<this>-<index>".
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     http_request_id: str = "-"
+    # The request's "model" (a served base name or an adapter): the per-model metrics' label.
+    model: str = ""
     _awaiting: set[int] = field(default_factory=set, init=False)
     _open: bool = field(default=False, init=False)
 
@@ -90,7 +94,8 @@ class Generation:
         async def pump(job: ChoiceJob) -> None:
             try:
                 async for delta in self.engine.generate(job.prompt_token_ids, job.params,
-                                                        f"{self.request_id}-{job.index}"):
+                                                        f"{self.request_id}-{job.index}",
+                                                        lora=job.lora):
                     queue.put_nowait((job.index, delta))
             except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer
                 queue.put_nowait((job.index, exc))
@@ -159,6 +164,8 @@ class Generation:
             m.prompt_tokens.observe(delta.num_prompt_tokens)
             m.generation_tokens.observe(delta.num_output_tokens)
             self._observe_phases(delta)
+            m.observe_model_request(self.model, delta.num_prompt_tokens,
+                                    delta.num_output_tokens)
             if delta.finish_reason == FinishReason.ERROR:
                 log.error("request %s (engine request %s) failed in the engine: %s",
                           self.http_request_id, delta.request_id, delta.error)
@@ -187,6 +194,8 @@ class Generation:
             return exc
         if isinstance(exc, EngineDeadError):
             return engine_unavailable()
+        if isinstance(exc, LoraError) and exc.code == "lora_not_found":  # unloaded meanwhile
+            return OpenAIError(404, str(exc), param="model", code="model_not_found")
         if isinstance(exc, ValueError):  # the engine refused the prompt (EngineClient contract)
             return OpenAIError(400, str(exc), param=getattr(exc, "param", "prompt"),
                                code=getattr(exc, "code", None))

@@ -121,8 +121,9 @@ def display_host(host: str) -> str:
 async def warm_up(engine: EngineClient, chunk_tokens: int) -> list[int]:
     """Generations through the whole path before the first user arrives: a short prompt (decode
     kernels, graphs, sampler) and one longer than a step's token budget, so that a chunked
-    prefill compiles its kernels now rather than during someone's first request. Returns the
-    prompts' lengths."""
+    prefill compiles its kernels now rather than during someone's first request; with LoRA
+    adapters loaded, the short prompt once more with one of them (the LoRA kernels). Returns
+    the prompts' lengths."""
     max_len = engine.model_info.max_model_len
     tok = engine.tokenizer
     params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
@@ -130,10 +131,12 @@ async def warm_up(engine: EngineClient, chunk_tokens: int) -> list[int]:
     short = tok.encode("Hello world.")
     # Repeat the short prompt's ids rather than tokenising a long text only to cut it.
     filler = (short * (long_len // len(short) + 1))[:long_len]
-    for i, prompt in enumerate((short, filler)):
-        async for _ in engine.generate(prompt, params, f"warmup-{i}"):
+    adapters = engine.lora_adapters()
+    runs = [(short, None), (filler, None)] + ([(short, adapters[0].name)] if adapters else [])
+    for i, (prompt, lora) in enumerate(runs):
+        async for _ in engine.generate(prompt, params, f"warmup-{i}", lora=lora):
             pass
-    return [len(short), len(filler)]
+    return [len(prompt) for prompt, _ in runs]
 
 
 async def drain(state: ServerState) -> None:

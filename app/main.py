@@ -20,7 +20,7 @@ from app.middleware import (
     RequestIdMiddleware,
 )
 from app.openapi import install_openapi
-from app.routes import chat, completions, health, metrics, models, tokenize
+from app.routes import chat, completions, health, lora, metrics, models, tokenize
 from app.settings import Settings
 from app.state import ServerState
 from engine.client import EngineClient
@@ -35,7 +35,8 @@ def create_app(settings: Settings, engine: EngineClient | None = None) -> FastAP
     def stats() -> EngineStats | None:  # read at scrape time, once the engine exists
         return state.stats()
 
-    state = ServerState(settings=settings, metrics=Metrics(stats, settings))
+    state = ServerState(settings=settings,
+                        metrics=Metrics(stats, settings, lambda: state.lora_view()))
     state.idle.set()
 
     @contextlib.asynccontextmanager
@@ -62,6 +63,8 @@ def create_app(settings: Settings, engine: EngineClient | None = None) -> FastAP
     for router in (completions.router, chat.router, models.router, health.router,
                    tokenize.router, metrics.router):
         app.include_router(router)
+    if settings.allow_runtime_lora_updating:  # as vLLM: the routes exist only when allowed
+        app.include_router(lora.router)
     # Outermost last: every response carries a request id, metrics see every response, auth
     # runs before any body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

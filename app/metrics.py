@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from app.lora_metrics import LoraCollector, LoraView
 from app.settings import Settings
 from app.vllm_metrics import (
     VLLM_ITL_BUCKETS,
@@ -83,16 +84,28 @@ def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
 
 
 class Metrics:
-    def __init__(self, stats: Callable[[], EngineStats | None], settings: Settings) -> None:
+    def __init__(self, stats: Callable[[], EngineStats | None], settings: Settings,
+                 lora: Callable[[], LoraView | None] = lambda: None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         r.register(EngineCollector(stats))
+        r.register(LoraCollector(lora, settings.model_names[0]))
         self.exposition = CollectorRegistry(auto_describe=False)
         self.exposition.register(VllmExposition(
             r, settings.model_names[0],
             CacheConfig(settings.block_size, settings.dtype, settings.gpu_memory_utilization,
                         settings.prefix_caching),
             enabled=settings.vllm_metrics))
+        # By the request's "model": the base model's served name or a LoRA adapter's.
+        self.model_requests = Counter("gptq_model_requests", "Finished requests by model "
+                                      "name (the base model or a LoRA adapter).", ["model"],
+                                      registry=r)
+        self.model_prompt_tokens = Counter("gptq_model_prompt_tokens", "Prompt tokens of "
+                                           "finished requests by model name (base or LoRA "
+                                           "adapter).", ["model"], registry=r)
+        self.model_generation_tokens = Counter("gptq_model_generation_tokens", "Generated "
+                                               "tokens of finished requests by model name "
+                                               "(base or LoRA adapter).", ["model"], registry=r)
         self.request_success = Counter("gptq_request_success", "Finished requests by reason.",
                                        ["finish_reason"], registry=r)
         for reason in FinishReason:  # every reason exported from the start, at 0
@@ -138,6 +151,12 @@ class Metrics:
         self.ready = Gauge("gptq_ready", "1 when the server accepts work.", registry=r)
         self.draining = Gauge("gptq_draining", "1 while the server drains on shutdown.",
                               registry=r)
+
+    def observe_model_request(self, model: str, prompt_tokens: int,
+                              generation_tokens: int) -> None:
+        self.model_requests.labels(model=model).inc()
+        self.model_prompt_tokens.labels(model=model).inc(prompt_tokens)
+        self.model_generation_tokens.labels(model=model).inc(generation_tokens)
 
     def set_model_info(self, info: ModelInfo) -> None:
         self.model_info.labels(

@@ -17,6 +17,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from engine.config import EngineConfig
+from engine.lora.spec import LoraConfig, LoraSpec
 
 ENV_PREFIX = "GPTQ_"
 
@@ -70,6 +71,21 @@ class Settings(BaseSettings):
                                  "prompts that start with the same tokens "
                                  "(--no-prefix-caching turns it off).")
     seed: int = Field(0, description="Seed of the shared sampler for unseeded requests.")
+    # ---- LoRA -----------------------------------------------------------------------------
+    lora_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="PEFT LoRA adapters to serve, each name=path or name=repo_id@revision (a "
+                    "local folder or a hub repo); each name becomes a model id of /v1/models. "
+                    "Several after one flag, or comma-separated in the environment variable.")
+    max_loras: int = Field(4, ge=1, le=64, description="LoRA adapters held on the device at "
+                           "once (fixed slots; the rest wait on the host and are swapped in, "
+                           "least recently used out). One step runs at most this many.")
+    max_lora_rank: int = Field(16, ge=1, le=512, description="Largest LoRA rank accepted; "
+                               "sizes every device slot.")
+    allow_runtime_lora_updating: bool = Field(
+        False, description="Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter "
+                           "(vLLM's API) to load and unload adapters while running. Off: the "
+                           "routes do not exist. Either this or --lora-modules turns LoRA on.")
     # ---- HTTP -----------------------------------------------------------------------------
     host: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
@@ -135,7 +151,8 @@ class Settings(BaseSettings):
                                "alert or autoscaler reads under vLLM's names (vllm:*, with "
                                "the model_name label), beside the gptq_* ones.")
 
-    @field_validator("served_model_name", "api_keys", "cors_origins", mode="before")
+    @field_validator("served_model_name", "api_keys", "cors_origins", "lora_modules",
+                     mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -148,6 +165,21 @@ class Settings(BaseSettings):
         if value not in (8, 16, 32, 64, 128):
             raise ValueError("block_size must be one of 8, 16, 32, 64, 128")
         return value
+
+    @field_validator("lora_modules")
+    @classmethod
+    def _lora_modules(cls, value: list[str]) -> list[str]:
+        LoraConfig(adapters=tuple(LoraSpec.parse(v) for v in value))  # the syntax, duplicates
+        return value
+
+    @model_validator(mode="after")
+    def _lora_names(self) -> Settings:
+        clash = {LoraSpec.parse(v).name for v in self.lora_modules} & {*self.model_names,
+                                                                      self.model}
+        if clash:
+            raise ValueError(f"LoRA adapter name(s) {', '.join(sorted(clash))} are the base "
+                             "model's served name")
+        return self
 
     @model_validator(mode="after")
     def _load_key_file(self) -> Settings:
@@ -176,7 +208,15 @@ class Settings(BaseSettings):
             dtype=self.dtype, cuda_graphs=self.cuda_graphs,
             enable_prefix_caching=self.prefix_caching, seed=self.seed,
             grammar_compile_timeout=self.grammar_compile_timeout,
-            grammar_cache_size=self.grammar_cache_size)
+            grammar_cache_size=self.grammar_cache_size, lora=self.lora_config())
+
+    def lora_config(self) -> LoraConfig | None:
+        """LoRA is on when adapters are given at start or may be loaded at run time."""
+        if not self.lora_modules and not self.allow_runtime_lora_updating:
+            return None
+        return LoraConfig(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
+                          adapters=tuple(LoraSpec.parse(v) for v in self.lora_modules),
+                          allow_runtime_updates=self.allow_runtime_lora_updating)
 
 
 @dataclass(frozen=True)
@@ -199,6 +239,9 @@ SETTING_GROUPS: tuple[SettingGroup, ...] = (
                   "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                   "num_kv_blocks", "gpu_memory_utilization", "kv_cache_memory_gb",
                   "cuda_graphs", "prefix_caching", "grammar_cache_size", "seed", "warmup")),
+    SettingGroup("lora", "LoRA adapters on the base model: which to serve, their device "
+                 "slots, loading them at run time (docs/lora.md).",
+                 ("lora_modules", "max_loras", "max_lora_rank", "allow_runtime_lora_updating")),
     SettingGroup("server", "The HTTP server: address, request limits, streaming, shutdown.",
                  ("host", "port", "max_queued_requests", "max_tokens_limit",
                   "default_max_tokens", "max_n", "max_prompts", "max_logit_bias",
@@ -229,6 +272,8 @@ def grouped_settings() -> list[tuple[SettingGroup, list[tuple[str, FieldInfo]]]]
 
 # Flag spellings that differ from the field name.
 _FLAG_NAMES = {"api_keys": "api-key"}
+# List flags that take several values at once (vLLM's "--lora-modules a=x b=y").
+_SEVERAL_PER_FLAG = {"lora_modules": "NAME=PATH[@REVISION]"}
 
 
 def flag_name(field: str) -> str:
@@ -254,6 +299,10 @@ def _add_flag(parser: argparse._ActionsContainer, name: str, field: FieldInfo) -
     if field.annotation is bool:
         parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                             default=argparse.SUPPRESS, help=help_text)
+    elif name in _SEVERAL_PER_FLAG:
+        parser.add_argument(flag, dest=name, nargs="+", action="extend",
+                            default=argparse.SUPPRESS, help=help_text + " (repeatable)",
+                            metavar=_SEVERAL_PER_FLAG[name])
     elif "list" in str(field.annotation):
         parser.add_argument(flag, dest=name, action="append", default=argparse.SUPPRESS,
                             help=help_text + " (repeatable)")

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from app.errors import OpenAIError, engine_unavailable
+from app.lora_metrics import LoraView
 from app.metrics import Metrics
 from app.settings import Settings
 from app.structured import ConstraintChecker
@@ -41,6 +42,13 @@ class ServerState:
 
     def stats(self) -> EngineStats | None:
         return self.engine.stats() if self.engine is not None else None
+
+    def lora_view(self) -> LoraView | None:
+        if self.engine is None:
+            return None
+        stats = self.engine.stats()
+        return LoraView(self.engine.lora_adapters(), stats.running_lora_adapters,
+                        stats.waiting_lora_adapters, self.engine.model_info.max_loras)
 
     def require_engine(self) -> EngineClient:
         """The engine, or 503 while loading / warming up / draining."""

@@ -66,6 +66,8 @@ VLLM_ALIASES: tuple[Alias, ...] = (
     Alias("vllm:request_generation_tokens", "gptq_request_generation_tokens"),
     Alias("vllm:prefix_cache_queries", "gptq_prefix_cache_queries"),
     Alias("vllm:prefix_cache_hits", "gptq_prefix_cache_hits"),
+    # The same labels as vLLM's; the value is 1 where vLLM's is the time of its last update.
+    Alias("vllm:lora_requests_info", "gptq_lora_requests_info"),
 )
 
 ENGINE_INDEX = "0"  # vLLM's `engine` label: we run one engine per server

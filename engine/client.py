@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
+from engine.lora.registry import LoraAdapterInfo
+from engine.lora.spec import LoraSpec
 from engine.outputs import EngineStats, GenerationDelta, ModelInfo
 from engine.params import SamplingParams
 
@@ -58,13 +60,29 @@ class EngineClient(Protocol):
     def tokenizer(self) -> TokenizerLike: ...
 
     def generate(self, prompt_token_ids: Sequence[int], params: SamplingParams,
-                 request_id: str) -> AsyncIterator[GenerationDelta]:
+                 request_id: str, lora: str | None = None) -> AsyncIterator[GenerationDelta]:
         """Queue a request and yield its output increments; the last one has finish_reason.
+        ``lora`` names a loaded adapter to run with (None: the base model).
 
         Raises ``ValueError`` at once (before yielding) for a prompt the engine cannot take
-        (empty, token ids outside the vocabulary, longer than max_model_len - 1). Closing the
-        iterator early aborts the request.
+        (empty, token ids outside the vocabulary, longer than max_model_len - 1), and
+        ``LoraError`` (a ValueError, code "lora_not_found") for an adapter that is not loaded.
+        Closing the iterator early aborts the request.
         """
+        ...
+
+    def lora_adapters(self) -> tuple[LoraAdapterInfo, ...]:
+        """The adapters served now (a snapshot)."""
+        ...
+
+    async def load_lora(self, spec: LoraSpec, replace: bool = False) -> LoraAdapterInfo:
+        """Load and serve an adapter; raises LoraError (bad adapter, name taken, LoRA off) or
+        EngineDeadError (the engine has stopped)."""
+        ...
+
+    async def unload_lora(self, name: str) -> None:
+        """Stop serving an adapter (running requests finish with it); LoraError if unknown,
+        EngineDeadError if the engine has stopped."""
         ...
 
     def abort(self, request_id: str) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.lora.spec import LoraConfig
+
 
 class ConfigError(ValueError):
     """A setting is invalid; the message says which and what to do."""
@@ -53,6 +55,8 @@ class EngineConfig:
     grammar_compile_timeout: float = 10.0
     # Compiled grammars kept for reuse, keyed by (kind, text).
     grammar_cache_size: int = 256
+    # LoRA adapters on the base (None: off; no adapter slots are allocated).
+    lora: LoraConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.model:

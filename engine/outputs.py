@@ -91,6 +91,9 @@ class EngineStats:
     num_prefix_cache_queries_total: int
     num_prefix_cache_hits_total: int
     loop_alive: bool
+    # LoRA adapters of the running and of the waiting requests (vLLM's lora_requests_info).
+    running_lora_adapters: tuple[str, ...] = ()
+    waiting_lora_adapters: tuple[str, ...] = ()
 
     @property
     def num_kv_blocks_available(self) -> int:
@@ -119,3 +122,6 @@ class ModelInfo:
     device: str
     # A checkpoint written by `gptq-serve synth`: random weights, so its text is gibberish.
     random_weights: bool = False
+    # LoRA: adapters resident on the device at once and the largest rank (0: LoRA off).
+    max_loras: int = 0
+    max_lora_rank: int = 0

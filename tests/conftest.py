@@ -78,3 +78,9 @@ def structured_server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFa
                       "--max-grammar-bytes", "8192")
     with serving(srv):
         yield srv
+
+
+@pytest.fixture(scope="session")
+def lora_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where synthetic LoRA adapters are written, once per session (tests/lora_helpers.py)."""
+    return tmp_path_factory.mktemp("lora-adapters")

@@ -7,7 +7,8 @@ one token per running request per step (``token_delay_s`` apart), stop strings f
 token boundaries (with the engine's own matcher), stop token ids, ``min_tokens``,
 ``ignore_eos``, ``logit_bias`` of +-100 (forced or banned tokens), logprobs and prompt logprobs,
 seeded sampling and aborts. Tokens come from the real tokenizer of a checkpoint folder. It has
-no prefix cache: it reports no cached blocks, queries or hits, and 0 cached tokens.
+no LoRA adapters and no prefix cache: it reports no cached blocks, queries or hits, and 0
+cached tokens.
 
 "Generation" is deterministic: greedy picks a word token from a hash of the last three token
 ids; sampling draws word tokens from ``random.Random(seed)``. A prompt whose text contains
@@ -41,6 +42,8 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.checkpoint.marker import has_random_weights
+from engine.lora.registry import LoraAdapterInfo
+from engine.lora.spec import LoraError, LoraSpec
 from engine.outputs import (
     EngineStats,
     FinishReason,
@@ -151,8 +154,20 @@ class FakeEngine:
             self._finish(self._requests[request_id], FinishReason.ABORT,
                          error="the server is shutting down")
 
+    def lora_adapters(self) -> tuple[LoraAdapterInfo, ...]:
+        return ()
+
+    async def load_lora(self, spec: LoraSpec, replace: bool = False) -> LoraAdapterInfo:
+        raise LoraError("this engine serves no LoRA adapters", code="lora_disabled")
+
+    async def unload_lora(self, name: str) -> None:
+        raise LoraError(f"the LoRA adapter '{name}' cannot be found", code="lora_not_found")
+
     async def generate(self, prompt_token_ids: Sequence[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[GenerationDelta]:
+                       request_id: str, lora: str | None = None
+                       ) -> AsyncIterator[GenerationDelta]:
+        if lora is not None:
+            raise LoraError(f"the model '{lora}' does not exist", code="lora_not_found")
         prompt = list(prompt_token_ids)
         self._validate(prompt, params, request_id)
         req = _Request(request_id, prompt, params,

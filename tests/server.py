@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import torch
 
 from engine.checkpoint.loader import load_checkpoint
@@ -35,6 +36,12 @@ def real_server(checkpoint: Path, log_path: Path, *flags: str,
     return ServerProcess([command, "serve", "--model", str(checkpoint), "--device", "cpu",
                           "--dtype", "float32", *flags], log_path,
                          env={"OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def strict_client(server: ServerProcess, key: str) -> openai.OpenAI:
+    """The official SDK against ``server``, validating every response strictly, no retries."""
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0,
+                         _strict_response_validation=True)
 
 
 @contextmanager

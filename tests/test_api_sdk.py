@@ -15,6 +15,7 @@ import pytest
 
 from tests.fake_engine import FAULT_MARKER, ServerProcess, sse_data
 from tests.schemas.validate import validate
+from tests.server import strict_client
 
 KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -34,8 +35,7 @@ def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture(scope="module")
 def client(server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0,
-                         _strict_response_validation=True)
+    return strict_client(server, KEY)
 
 
 def post(server: ServerProcess, path: str, body: dict[str, Any]) -> httpx.Response:

@@ -214,3 +214,39 @@ def test_block_manager_pairs() -> None:
         bm.allocate(seq, 13)
     bm.free(seq)
     assert bm.num_free_blocks == 3 and seq.block_table == []
+
+
+def test_running_sequences_never_use_more_than_max_loras_adapters() -> None:
+    """With two slots, a third adapter's request waits (and holds back those behind it: no
+    overtaking) until the last request of a running adapter ends; base requests and requests
+    for adapters already running are admitted."""
+    from engine.lora.registry import LoraHandle
+
+    handles = {name: LoraHandle(i, name, f"lora:{name}:d") for i, name in
+               enumerate(("a", "b", "c"), start=1)}
+    sched = Scheduler(SchedulerConfig(8, 64, 256, max_loras=2), BlockManager(64, 4))
+
+    def add(lora: str | None, max_tokens: int) -> Sequence:
+        seq = make_seq(3, max_tokens)
+        seq.lora = None if lora is None else handles[lora]
+        sched.add(seq)
+        return seq
+
+    a, b, base, a2, c, late = (add("a", 2), add("b", 4), add(None, 4), add("a", 4), add("c", 4),
+                               add(None, 4))
+    out = sched.schedule()
+    assert [s.seq for s in out.scheduled] == [a, b, base, a2]  # c would be a third adapter
+    complete_step(sched, out)
+    out = sched.schedule()
+    assert late not in [s.seq for s in out.scheduled]  # behind c: no overtaking
+    complete_step(sched, out)  # a ends (2 tokens); a2 still runs with "a"
+    assert a.is_finished and c in sched.waiting
+    for _ in range(2):
+        out = sched.schedule()
+        assert c not in [s.seq for s in out.scheduled]
+        for seq in complete_step(sched, out):
+            assert seq is not c
+    # b and a2 have finished (4 tokens each): c and then late get in.
+    out = sched.schedule()
+    assert [s.seq for s in out.scheduled][-2:] == [c, late]
+    check_block_invariants(sched)

@@ -88,5 +88,32 @@ def test_every_setting_is_in_exactly_one_group_in_the_users_order() -> None:
     missing = set(Settings.model_fields) - set(listed)
     assert not missing, f"add {sorted(missing)} to a group in app/settings.py SETTING_GROUPS"
     assert set(listed) <= set(Settings.model_fields), "SETTING_GROUPS names no such setting"
-    assert [g.title for g, _ in grouped_settings()] == ["model", "engine", "server",
+    assert [g.title for g, _ in grouped_settings()] == ["model", "engine", "lora", "server",
                                                         "security", "observability"]
+
+
+def test_lora_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.lora.spec import LoraSpec
+
+    assert Settings().engine_config().lora is None  # off unless asked for
+    s = parse(["--lora-modules", "sql=/adapters/sql", "orca=someone/orca-lora@v2",
+               "--lora-modules", "chat=/adapters/chat", "--max-loras", "2",
+               "--max-lora-rank", "64"])
+    lora = s.engine_config().lora
+    assert lora is not None and (lora.max_loras, lora.max_lora_rank) == (2, 64)
+    assert lora.adapters == (LoraSpec("sql", "/adapters/sql"),
+                             LoraSpec("orca", "someone/orca-lora", "v2"),
+                             LoraSpec("chat", "/adapters/chat"))
+    assert not lora.allow_runtime_updates
+    runtime = parse(["--allow-runtime-lora-updating"]).engine_config().lora
+    assert runtime is not None and runtime.adapters == () and runtime.allow_runtime_updates
+    monkeypatch.setenv("GPTQ_LORA_MODULES", "a=/x, b=/y")
+    assert [a.name for a in Settings().lora_config().adapters] == ["a", "b"]  # type: ignore[union-attr]
+    monkeypatch.delenv("GPTQ_LORA_MODULES")
+    for argv, problem in ((["--lora-modules", "no-path"], "name=path"),
+                          (["--lora-modules", "a=/x", "a=/y"], "given twice"),
+                          (["--served-model-name", "tiny", "--lora-modules", "tiny=/x"],
+                           "base model's served name"),
+                          (["--max-loras", "0"], "max_loras")):
+        with pytest.raises(ValidationError, match=problem):
+            parse(argv)

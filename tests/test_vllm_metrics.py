@@ -10,6 +10,7 @@ import itertools
 
 from prometheus_client import generate_latest
 
+from app.lora_metrics import LoraView
 from app.metrics import ITL_BUCKETS, REQUEST_BUCKETS, TOKEN_BUCKETS, TTFT_BUCKETS, Metrics
 from app.settings import Settings
 from app.vllm_metrics import (
@@ -48,7 +49,9 @@ class MovingStats:
 
 
 def metrics(**settings: object) -> Metrics:
-    return Metrics(MovingStats(), Settings(served_model_name=["tiny"], **settings))
+    lora = LoraView((), ("sql",), ("sql", "orca"), max_loras=2)
+    return Metrics(MovingStats(), Settings(served_model_name=["tiny"], **settings),
+                   lambda: lora)
 
 
 def exposition(m: Metrics) -> str:
@@ -116,3 +119,9 @@ def test_each_alias_names_an_existing_family_once() -> None:
     found = families(exposition(metrics()))
     assert len({a.vllm for a in VLLM_ALIASES}) == len(VLLM_ALIASES)
     assert all(a.ours in found and a.vllm.startswith("vllm:") for a in VLLM_ALIASES)
+
+
+def test_the_lora_requests_info_has_vllms_labels() -> None:
+    text = exposition(metrics())
+    assert ('vllm:lora_requests_info{engine="0",max_lora="2",model_name="tiny",'
+            'running_lora_adapters="sql",waiting_lora_adapters="sql,orca"} 1.0') in text

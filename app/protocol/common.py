@@ -76,6 +76,9 @@ class ModelCard(BaseModel):
     object: str = "model"
     created: int
     owned_by: str = "gptq-serve"
+    # vLLM's extensions: where the weights came from, and for a LoRA adapter its base model.
+    root: str | None = None
+    parent: str | None = None
 
 
 class ModelList(BaseModel):

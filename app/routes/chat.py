@@ -79,7 +79,7 @@ def check_unsupported(body: ChatCompletionRequest) -> None:
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):  # noqa: ANN201
     state = server_state(request)
     engine = state.require_engine()
-    check_model(state, body.model)
+    lora = check_model(state, body.model)
     check_unsupported(body)
     if body.top_logprobs is not None:
         if not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
@@ -106,9 +106,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     extra_stop = () if constraint is not None else rendered.stop
     jobs = [ChoiceJob(j, prompt_ids, sampling_params(body, max_tokens=max_tokens, seed=seed,
                                                      extra_stop=extra_stop, logprobs=logprobs,
-                                                     constraint=constraint))
+                                                     constraint=constraint), lora)
             for j, seed in enumerate(seeds_for(body.seed, n))]
-    generation = Generation(state, engine, jobs, http_request_id=http_request_id(request))
+    generation = Generation(state, engine, jobs, http_request_id=http_request_id(request),
+                            model=body.model)
     ctx = _Context(engine, body, len(prompt_ids), n, new_id("chatcmpl"), now(), tools)
     if body.stream:
         return sse.EventStreamResponse(_stream(ctx, generation), generation.release)

@@ -24,15 +24,21 @@ def http_request_id(request: Request) -> str:
     return getattr(request.state, "request_id", "-")
 
 
-def check_model(state: ServerState, name: str) -> None:
+def check_model(state: ServerState, name: str) -> str | None:
+    """The LoRA adapter a request's ``model`` names, None for the base model; 404 for a name
+    this server does not serve."""
     engine = state.engine
     known = set(state.settings.model_names) | {state.settings.model}
     if engine is not None:
         known.add(engine.model_info.model)
-    if name not in known:
-        raise OpenAIError(404, f"the model '{name}' does not exist; this server serves "
-                          f"{', '.join(state.settings.model_names)}", param="model",
-                          code="model_not_found")
+    if name in known:
+        return None
+    adapters = [] if engine is None else [a.name for a in engine.lora_adapters()]
+    if name in adapters:
+        return name
+    raise OpenAIError(404, f"the model '{name}' does not exist; this server serves "
+                      f"{', '.join([*state.settings.model_names, *adapters])}", param="model",
+                      code="model_not_found")
 
 
 def check_token_ids(engine: EngineClient, ids: list[int], param: str) -> None:

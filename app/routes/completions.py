@@ -88,7 +88,7 @@ def parse_prompts(engine: EngineClient, prompt: object, max_prompts: int) -> lis
 async def create_completion(body: CompletionRequest, request: Request):  # noqa: ANN201
     state = server_state(request)
     engine = state.require_engine()
-    check_model(state, body.model)
+    lora = check_model(state, body.model)
     if body.suffix:
         raise refuse("suffix", "insertion (fill-in-the-middle) needs a model trained for it")
     n = 1 if body.n is None else body.n
@@ -112,8 +112,9 @@ async def create_completion(body: CompletionRequest, request: Request):  # noqa:
                 body, max_tokens=max_tokens, seed=seed, logprobs=body.logprobs,
                 prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None
                 else None, constraint=constraint)
-            jobs.append(ChoiceJob(i * n + j, prompt.token_ids, params))
-    generation = Generation(state, engine, jobs, http_request_id=http_request_id(request))
+            jobs.append(ChoiceJob(i * n + j, prompt.token_ids, params, lora))
+    generation = Generation(state, engine, jobs, http_request_id=http_request_id(request),
+                            model=body.model)
     ctx = _Context(engine, body, prompts, n, new_id("cmpl"), now())
     if body.stream:
         return sse.EventStreamResponse(_stream(ctx, generation), generation.release)

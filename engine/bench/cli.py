@@ -1,5 +1,5 @@
 """``gptq-serve bench``: engine, server and kernel benchmarks on one GPU, and the prefix-caching
-benchmark (on a GPU or the CPU).
+and LoRA benchmarks (on a GPU or the CPU).
 
 The app's CLI delegates here: ``configure_parser(p)`` adds the options, ``run(args)`` runs the
 chosen mode and prints one table; the exit status is 0 on success.
@@ -14,34 +14,45 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from engine.bench import engine_mode, kernels, prefix_bench, server_bench, structured_mode
+from engine.bench import (
+    engine_mode,
+    kernels,
+    lora_bench,
+    prefix_bench,
+    server_bench,
+    structured_mode,
+)
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("mode", nargs="?", default="engine",
-                   choices=["engine", "server", "kernels", "prefix", "structured"],
+                   choices=["engine", "server", "kernels", "prefix", "structured", "lora"],
                    help="engine: our engine, exllamav2's generator and the bandwidth ceiling on "
                         "one checkpoint; server: a streaming load client against a running "
                         "server (vLLM's TTFT/TPOT/ITL/latency/throughput); kernels: copy "
                         "bandwidth, exllama crossover per 13B layer shape, paged attention; "
                         "prefix: prefix caching on and off on a shared system prompt and on "
                         "unique prompts (GPU or CPU); structured: decode with and without a "
-                        "JSON schema on every row (GPU or CPU)")
+                        "JSON schema on every row (GPU or CPU); lora: decode with streams "
+                        "spread over LoRA adapters against streams on the base model (GPU or "
+                        "CPU)")
     p.add_argument("--json-out", default=None, help="also write the rows to this JSON file")
     engine_mode.configure_parser(p)
     server_bench.configure_parser(p)
     kernels.configure_parser(p)
     prefix_bench.configure_parser(p)
     structured_mode.configure_parser(p)
+    lora_bench.configure_parser(p)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.mode == "server":
         # The GPU is the server's; this process only sends requests.
         return _print(args.base_url, args, server_bench.run(args))
-    if args.mode in ("prefix", "structured"):
+    if args.mode in ("prefix", "structured", "lora"):
         device = prefix_bench.resolve_device(args.device)
-        run_mode = prefix_bench.run if args.mode == "prefix" else structured_mode.run
+        run_mode = {"prefix": prefix_bench.run, "structured": structured_mode.run,
+                    "lora": lora_bench.run}[args.mode]
         return _print(prefix_bench.device_name(device), args, run_mode(args))
     import torch
 

@@ -67,12 +67,15 @@ def greedy(new_tokens: int) -> SamplingParams:
 
 
 def decode_run(engine: LLMEngine, prompts: list[list[int]], new_tokens: int,
-               tag: str, constraint: Constraint | None = None) -> DecodeRun:
-    """All prompts submitted at once; decode throughput is measured from the step at which the
-    last sequence got its first token (all prefills done) to the end."""
+               tag: str, constraint: Constraint | None = None,
+               loras: list[str | None] | None = None) -> DecodeRun:
+    """All prompts submitted at once (prompt i with LoRA adapter ``loras[i]``, None: the base
+    model); decode throughput is measured from the step at which the last sequence got its
+    first token (all prefills done) to the end."""
     params = dataclasses.replace(greedy(new_tokens), constraint=constraint)
     for i, prompt in enumerate(prompts):
-        engine.add_request(f"{tag}-{i}", prompt, params)
+        engine.add_request(f"{tag}-{i}", prompt, params,
+                           lora=None if loras is None else loras[i])
     started: set[str] = set()
     t_all_started: float | None = None
     cpu_all_started = 0.0

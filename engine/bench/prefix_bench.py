@@ -37,18 +37,18 @@ from engine.core.llm_engine import LLMEngine
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="prefix mode: where the model runs (engine and kernels modes: cuda)")
-    p.add_argument("--streams", type=int, default=32, help="prefix mode: requests at once")
+                   help="prefix and lora modes: where the model runs (engine and kernels modes: cuda)")
+    p.add_argument("--streams", type=int, default=32, help="prefix and lora modes: requests at once")
     p.add_argument("--system-len", type=int, default=1024,
                    help="prefix mode: tokens of the shared system prompt")
     p.add_argument("--question-len", type=int, default=16,
                    help="prefix mode: tokens of each request's own question")
     p.add_argument("--output-len", type=int, default=64,
-                   help="prefix mode: tokens generated per request")
+                   help="prefix and lora modes: tokens generated per request")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                   help="prefix mode: the engine's token budget per step")
+                   help="prefix and lora modes: the engine's token budget per step")
     p.add_argument("--repeats", type=int, default=3,
-                   help="prefix mode: runs of each configuration (figures are medians)")
+                   help="prefix and lora modes: runs of each configuration (figures are medians)")
 
 
 @dataclass(frozen=True)

@@ -39,12 +39,14 @@ def _looks_like_path(model: str) -> bool:
 
 
 def resolve_checkpoint(model: str, revision: str | None, *, download_dir: str | None = None,
-                       offline: bool = False) -> Path:
+                       offline: bool = False,
+                       allow_patterns: tuple[str, ...] = ALLOW_PATTERNS) -> Path:
     """The local folder holding ``model``'s files at ``revision`` (None: "main").
 
     ``download_dir`` is the huggingface_hub cache to use (None: its default, HF_HUB_CACHE).
     With ``offline`` the network is never used and a revision missing from the cache is an error.
-    For a local folder ``revision`` is ignored: a folder has one version.
+    For a local folder ``revision`` is ignored: a folder has one version. ``allow_patterns``
+    names the files fetched (a checkpoint's by default; a LoRA adapter passes its own).
     """
     folder = Path(model).expanduser()
     if folder.is_dir():
@@ -54,7 +56,7 @@ def resolve_checkpoint(model: str, revision: str | None, *, download_dir: str | 
                               "the form owner/name)")
     revision = revision or DEFAULT_REVISION
     where = f"{model} (revision {revision})"
-    cached = _from_cache(model, revision, download_dir)
+    cached = _from_cache(model, revision, download_dir, allow_patterns)
     if cached is not None:
         return cached
     if offline:
@@ -64,7 +66,7 @@ def resolve_checkpoint(model: str, revision: str | None, *, download_dir: str | 
     log.info("downloading %s into %s", where, download_dir or "the huggingface_hub cache")
     try:
         path = snapshot_download(model, revision=revision, cache_dir=download_dir,
-                                 allow_patterns=list(ALLOW_PATTERNS))
+                                 allow_patterns=list(allow_patterns))
     except (RepositoryNotFoundError, GatedRepoError) as e:
         raise CheckpointError(f"{where}: repository not found or not accessible (a gated or "
                               f"private repo needs HF_TOKEN): {e}") from e
@@ -75,10 +77,11 @@ def resolve_checkpoint(model: str, revision: str | None, *, download_dir: str | 
     return Path(str(path))
 
 
-def _from_cache(model: str, revision: str, download_dir: str | None) -> Path | None:
+def _from_cache(model: str, revision: str, download_dir: str | None,
+                allow_patterns: tuple[str, ...]) -> Path | None:
     try:
         path = snapshot_download(model, revision=revision, cache_dir=download_dir,
-                                 allow_patterns=list(ALLOW_PATTERNS), local_files_only=True)
+                                 allow_patterns=list(allow_patterns), local_files_only=True)
     except HFValidationError as e:
         raise CheckpointError(f"{model}: not a valid hub repo id ({e})") from e
     except (LocalEntryNotFoundError, OSError):

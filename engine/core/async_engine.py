@@ -2,8 +2,10 @@
 exists; callers on the event loop see ``generate()`` as an async iterator of deltas.
 
 Threading contract: only the engine thread touches LLMEngine's mutable state (scheduler, runner,
-request states). Callers talk to it through a locked inbox of commands; the thread hands deltas
-back with one ``call_soon_threadsafe`` per step.
+request states, the LoRA registry and slots). Callers talk to it through a locked inbox of
+commands; the thread hands deltas back with one ``call_soon_threadsafe`` per step. Loading a
+LoRA adapter reads and checks its files on a worker thread first; only registering it is an
+engine-thread command.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from dataclasses import dataclass
 from engine.client import EngineDeadError
 from engine.config import EngineConfig
 from engine.core.llm_engine import LLMEngine
+from engine.lora.peft import LoraAdapter
+from engine.lora.registry import LoraAdapterInfo
+from engine.lora.spec import LoraSpec
 from engine.outputs import EngineStats, FinishReason, GenerationDelta, ModelInfo
 from engine.params import SamplingParams
 from engine.tokenizer.tokenizer import Tokenizer
@@ -43,6 +48,7 @@ class _Add:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    lora: str | None = None
 
 
 @dataclass(frozen=True)
@@ -50,10 +56,26 @@ class _Abort:
     request_id: str
 
 
+@dataclass(frozen=True)
+class _LoadLora:
+    adapter: LoraAdapter
+    replace: bool
+    done: asyncio.Future[LoraAdapterInfo]
+
+
+@dataclass(frozen=True)
+class _UnloadLora:
+    name: str
+    done: asyncio.Future[None]
+
+
+_Command = _Add | _Abort | _LoadLora | _UnloadLora
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self._engine = engine
-        self._inbox: deque[_Add | _Abort] = deque()
+        self._inbox: deque[_Command] = deque()
         self._inbox_lock = threading.Lock()
         self._num_pending_adds = 0
         self._wake = threading.Event()
@@ -64,7 +86,11 @@ class AsyncEngine:
         self._queues: dict[str, asyncio.Queue[GenerationDelta | BaseException | _EngineDied]] = {}
         # Set by the engine thread, once, when the loop dies; read by generate().
         self._death: str | None = None
+        # load_lora / unload_lora calls the engine thread has not answered yet.
+        self._lora_waiters: set[asyncio.Future] = set()
         self._stats = self._snapshot(alive=False)
+        # Replaced whole by the engine thread after each load or unload: readers see either.
+        self._lora_infos = engine.lora_adapters()
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncEngine:
@@ -81,6 +107,33 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self._stats
 
+    def lora_adapters(self) -> tuple[LoraAdapterInfo, ...]:
+        return self._lora_infos
+
+    async def load_lora(self, spec: LoraSpec, replace: bool = False) -> LoraAdapterInfo:
+        """Read and check the adapter off the event loop, then serve it. Raises LoraError, or
+        EngineDeadError once the loop has stopped."""
+        self._check_running()
+        adapter = await asyncio.to_thread(self._engine.read_adapter, spec)
+        done: asyncio.Future[LoraAdapterInfo] = self._lora_waiter()
+        self._post(_LoadLora(adapter, replace, done))
+        return await done
+
+    async def unload_lora(self, name: str) -> None:
+        self._check_running()
+        done: asyncio.Future[None] = self._lora_waiter()
+        self._post(_UnloadLora(name, done))
+        await done
+
+    def _lora_waiter(self) -> asyncio.Future:
+        """A future the engine thread settles; kept until then, so that a loop that stops
+        first fails it instead of leaving its caller waiting (``_fail_all_callers``)."""
+        self._check_running()  # again: the loop may have stopped while the files were read
+        done: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._lora_waiters.add(done)
+        done.add_done_callback(self._lora_waiters.discard)
+        return done
+
     async def start(self) -> None:
         if self._thread is not None:
             return
@@ -94,9 +147,20 @@ class AsyncEngine:
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
+        self._fail_lora_waiters("the server is shutting down")  # commands left in the inbox
+
+    def _check_running(self) -> None:
+        """Commands posted to a loop that is not running would never be answered."""
+        if self._death is not None:
+            raise EngineDeadError(self._death)
+        thread = self._thread
+        if self._loop is None or self._stop.is_set() or thread is None \
+                or not thread.is_alive():
+            raise EngineDeadError("the engine is not running")
 
     async def generate(self, prompt_token_ids: Sequence[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[GenerationDelta]:
+                       request_id: str, lora: str | None = None
+                       ) -> AsyncIterator[GenerationDelta]:
         if self._death is not None:
             raise EngineDeadError(self._death)
         if self._loop is None or self._stop.is_set():
@@ -106,7 +170,7 @@ class AsyncEngine:
         self._engine.validate_prompt(prompt_token_ids)  # reads only immutable state
         queue: asyncio.Queue[GenerationDelta | BaseException | _EngineDied] = asyncio.Queue()
         self._queues[request_id] = queue
-        self._post(_Add(request_id, list(prompt_token_ids), params))
+        self._post(_Add(request_id, list(prompt_token_ids), params, lora))
         finished = False
         num_output_tokens = 0
         try:
@@ -133,7 +197,7 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._post(_Abort(request_id))
 
-    def _post(self, command: _Add | _Abort) -> None:
+    def _post(self, command: _Command) -> None:
         with self._inbox_lock:
             self._inbox.append(command)
             if isinstance(command, _Add):
@@ -184,6 +248,12 @@ class AsyncEngine:
     def _fail_all_callers(self, reason: str) -> None:
         for queue in self._queues.values():
             queue.put_nowait(_EngineDied(reason))
+        self._fail_lora_waiters(reason)
+
+    def _fail_lora_waiters(self, reason: str) -> None:
+        for done in list(self._lora_waiters):
+            if not done.done():
+                done.set_exception(EngineDeadError(reason))
 
     def _drain_inbox(self) -> list[GenerationDelta | tuple[str, BaseException]]:
         with self._inbox_lock:
@@ -195,14 +265,30 @@ class AsyncEngine:
             if isinstance(command, _Add):
                 try:
                     self._engine.add_request(command.request_id, command.prompt_token_ids,
-                                             command.params)
+                                             command.params, lora=command.lora)
                 except Exception as exc:
                     out.append((command.request_id, exc))
-            else:
+            elif isinstance(command, _Abort):
                 delta = self._engine.abort_request(command.request_id)
                 if delta is not None:
                     out.append(delta)
+            else:
+                self._change_loras(command)
         return out
+
+    def _change_loras(self, command: _LoadLora | _UnloadLora) -> None:
+        result: LoraAdapterInfo | None = None
+        error: Exception | None = None
+        try:
+            if isinstance(command, _LoadLora):
+                result = self._engine.load_lora(command.adapter, command.replace)
+            else:
+                self._engine.unload_lora(command.name)
+        except Exception as exc:  # a refusal (name taken, not found) goes back to the caller
+            error = exc
+        self._lora_infos = self._engine.lora_adapters()
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(_settle, command.done, result, error)
 
     def _deliver(self, items: list) -> None:
         if items and self._loop is not None and not self._loop.is_closed():
@@ -221,6 +307,8 @@ class AsyncEngine:
     def _snapshot(self, alive: bool) -> EngineStats:
         engine = self._engine
         blocks = engine.scheduler.block_manager
+        running = sorted({s.lora.name for s in engine.scheduler.running if s.lora is not None})
+        waiting = sorted({s.lora.name for s in engine.scheduler.waiting if s.lora is not None})
         return EngineStats(
             num_running=len(engine.scheduler.running),
             num_waiting=(len(engine.scheduler.waiting) + engine.structured.num_compiling
@@ -235,4 +323,15 @@ class AsyncEngine:
             num_prefix_cache_queries_total=engine.scheduler.prefix_cache_stats.queries,
             num_prefix_cache_hits_total=engine.scheduler.prefix_cache_stats.hits,
             loop_alive=alive,
+            running_lora_adapters=tuple(running),
+            waiting_lora_adapters=tuple(waiting),
         )
+
+
+def _settle(future: asyncio.Future, result: object, error: Exception | None) -> None:
+    if future.done():  # the caller was cancelled meanwhile
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

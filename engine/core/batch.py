@@ -8,6 +8,8 @@ import torch
 
 from engine.core.scheduler import SchedulerOutput
 from engine.model.attention.base import AttentionMetadata
+from engine.model.lora.base import LoraBatch
+from engine.model.lora.batching import lora_batch
 
 
 @dataclass
@@ -19,9 +21,16 @@ class StepInputs:
     logits_indices: torch.Tensor
     # Index into SchedulerOutput.scheduled of each sampling row: len S
     sampling_seq_indices: list[int]
+    # Which adapter slot each row uses; None when every row is the base model's.
+    lora: LoraBatch | None = None
 
 
-def build_step_inputs(out: SchedulerOutput, block_size: int, device: torch.device) -> StepInputs:
+def build_step_inputs(out: SchedulerOutput, block_size: int, device: torch.device,
+                      lora_slots: list[int] | None = None, num_lora_slots: int = 0,
+                      lora_groups: bool = True) -> StepInputs:
+    """``lora_slots``: the adapter slot of each scheduled sequence (-1: the base model), with
+    ``num_lora_slots`` slots in the model; None when LoRA is off. ``lora_groups``: whether the
+    model's LoRA kernels read the batch's host groups."""
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -70,10 +79,14 @@ def build_step_inputs(out: SchedulerOutput, block_size: int, device: torch.devic
         query_start_loc_cpu=query_start_loc,
         seq_lens_cpu=seq_lens,
     )
+    lora = None if lora_slots is None else lora_batch(
+        lora_slots, [s.num_new_tokens for s in out.scheduled], num_lora_slots, to_dev,
+        lora_groups)
     return StepInputs(
         input_ids=to_dev(input_ids, torch.int64),
         positions=to_dev(positions, torch.int64),
         meta=meta,
         logits_indices=to_dev(logits_indices, torch.int64),
         sampling_seq_indices=sampling_seq_indices,
+        lora=lora,
     )

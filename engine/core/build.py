@@ -12,6 +12,8 @@ from engine.model.attention.base import AttentionBackend
 from engine.model.attention.torch_ref import TorchAttentionBackend
 from engine.model.linear.base import LinearBackend
 from engine.model.linear.torch_ref import TorchLinearBackend
+from engine.model.lora.base import LoraKernels, LoraModelConfig
+from engine.model.lora.torch_ref import TorchLoraKernels
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,26 @@ def make_linear_backend(config: EngineConfig, quant: QuantConfig, device: torch.
     from engine.model.linear.triton_backend import TritonLinearBackend
 
     return TritonLinearBackend(device, dense_weights=config.dense_weights)
+
+
+def make_lora_model_config(config: EngineConfig, linear: LinearBackend,
+                           device: torch.device) -> LoraModelConfig | None:
+    """Adapter slots for every projection when LoRA is on: the grouped Triton kernels on CUDA,
+    the torch reference elsewhere."""
+    lora = config.lora
+    if lora is None:
+        return None
+    if not linear.supports_lora:
+        raise ConfigError(f"the {linear.name} linear backend cannot serve LoRA adapters; "
+                          "choose another --linear-backend")
+    kernels: LoraKernels = TorchLoraKernels()
+    if device.type == "cuda":
+        from engine.model.lora.triton_sgmv import TritonLoraKernels
+
+        # A fused q/k/v layer's shrink is the widest: three projections of max rank.
+        kernels = TritonLoraKernels(config.max_num_batched_tokens, 3 * lora.max_lora_rank,
+                                    device)
+    return LoraModelConfig(lora.max_loras, lora.max_lora_rank, kernels)
 
 
 def make_attention_backend(config: EngineConfig, device: torch.device) -> AttentionBackend:

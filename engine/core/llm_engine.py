@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +18,13 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint.loader import load_checkpoint
+from engine.checkpoint.types import LlamaArchConfig
 from engine.config import EngineConfig
 from engine.core.block_manager import BlockManager
 from engine.core.build import (
     make_attention_backend,
     make_linear_backend,
+    make_lora_model_config,
     num_kv_blocks,
     resolve_device,
     resolve_dtype,
@@ -31,6 +34,9 @@ from engine.core.runner import ModelRunner, StepResult
 from engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.core.sequence import Sequence
 from engine.faults import FaultKind, FaultPlan, InjectedFault, InjectedLoopCrash
+from engine.lora.peft import LoraAdapter, load_adapter
+from engine.lora.registry import LoraAdapterInfo, LoraRegistry
+from engine.lora.spec import LoraError, LoraSpec
 from engine.model.cuda_graphs import DecodeGraphConfig
 from engine.model.llama import LlamaModel
 from engine.outputs import FinishReason, GenerationDelta, ModelInfo
@@ -70,11 +76,16 @@ class EngineCounters:
     num_consecutive_failed_steps: int = 0
 
 
+LoraReader = Callable[[LoraSpec], LoraAdapter]
+
+
 class LLMEngine:
     def __init__(self, model_info: ModelInfo, tokenizer: Tokenizer, scheduler: Scheduler,
                  runner: ModelRunner, model_memory_bytes: int | None = None,
                  structured: StructuredConfig | None = None,
-                 faults: FaultPlan | None = None) -> None:
+                 faults: FaultPlan | None = None,
+                 lora_reader: LoraReader | None = None) -> None:
+        """``lora_reader`` reads and checks an adapter against this model (None: LoRA off)."""
         self.model_info = model_info
         self.tokenizer = tokenizer
         self.scheduler = scheduler
@@ -90,6 +101,8 @@ class LLMEngine:
         self._refused: list[tuple[str, GrammarError]] = []
         self._seq_ids = itertools.count()
         self.faults = faults or FaultPlan.none()
+        self._lora_reader = lora_reader
+        self.loras = LoraRegistry()
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -105,10 +118,12 @@ class LLMEngine:
         timed_stage(log, "tokenizer", start, f"vocabulary of {tokenizer.vocab_size} loaded")
         linear = make_linear_backend(config, ckpt.quant, device, dtype)
         attention = make_attention_backend(config, device)
+        lora = make_lora_model_config(config, linear, device)
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         start = time.monotonic()
         model = LlamaModel(arch, ckpt.weights, linear, attention, dtype, device,
-                           max_position=max(max_model_len, arch.max_position_embeddings))
+                           max_position=max(max_model_len, arch.max_position_embeddings),
+                           lora=lora)
         timed_stage(log, "model", start, f"{arch.num_layers} layers on {device} "
                     f"({str(dtype).removeprefix('torch.')}) built")
         start = time.monotonic()
@@ -127,7 +142,8 @@ class LLMEngine:
         runner = ModelRunner(model, blocks, config.block_size, tokenizer.eos_token_id,
                              tokenizer.vocab_size, config.seed, graphs)
         scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len),
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len,
+                            max_loras=None if lora is None else lora.max_loras),
             BlockManager(blocks, config.block_size, config.enable_prefix_caching))
         # A local folder has no revision; a hub repo's is the branch the user asked for.
         revision = None if Path(config.model).is_dir() else config.revision
@@ -135,12 +151,18 @@ class LLMEngine:
                          group_size=ckpt.quant.group_size, act_order=ckpt.quant.desc_act,
                          linear_backend=linear.name, attention_backend=attention.name,
                          max_model_len=max_model_len, vocab_size=tokenizer.vocab_size,
-                         device=str(device), random_weights=ckpt.random_weights)
-        log.info("engine ready: %s", info)
+                         device=str(device), random_weights=ckpt.random_weights,
+                         max_loras=0 if config.lora is None else config.lora.max_loras,
+                         max_lora_rank=0 if config.lora is None else config.lora.max_lora_rank)
         structured = StructuredConfig(
             limits=GrammarLimits(), compile_timeout_s=config.grammar_compile_timeout,
             cache_size=config.grammar_cache_size)
-        return cls(info, tokenizer, scheduler, runner, model_bytes, structured, faults)
+        engine = cls(info, tokenizer, scheduler, runner, model_bytes, structured, faults,
+                     _lora_reader(config, arch))
+        if config.lora is not None:
+            engine._load_start_adapters(config.lora.adapters)
+        log.info("engine ready: %s", info)
+        return engine
 
     @property
     def has_work(self) -> bool:
@@ -160,15 +182,69 @@ class LLMEngine:
                 f"length is {self.max_model_len}, which must leave room for at least one new "
                 "token", code="context_length_exceeded")
 
+    # ---- LoRA adapters ---------------------------------------------------------------------
+
+    def read_adapter(self, spec: LoraSpec) -> LoraAdapter:
+        """Read and check an adapter (any thread: touches no engine state)."""
+        if self._lora_reader is None:
+            raise LoraError("this server was started without LoRA support (give "
+                            "--lora-modules or --allow-runtime-lora-updating)",
+                            code="lora_disabled")
+        return self._lora_reader(spec)
+
+    def load_lora(self, adapter: LoraAdapter, replace: bool = False) -> LoraAdapterInfo:
+        """Serve a read adapter under its name (``replace``: instead of the one loaded under
+        it; requests already running keep the old weights to the end)."""
+        spec = adapter.spec
+        info = LoraAdapterInfo(name=spec.name, source=spec.source, revision=spec.revision,
+                               rank=adapter.rank, target_modules=adapter.target_modules,
+                               digest=adapter.digest)
+        handle, dropped = self.loras.add(info, replace)
+        self.runner.add_lora(handle.id, adapter)
+        if dropped is not None:
+            self.runner.drop_lora(dropped)
+        log.info("LoRA adapter '%s' loaded from %s: rank %d on %s (%.1f MiB)", spec.name,
+                 spec.describe(), adapter.rank, ", ".join(adapter.target_modules),
+                 adapter.nbytes / 2**20)
+        return info
+
+    def unload_lora(self, name: str) -> None:
+        dropped = self.loras.remove(name)
+        if dropped is not None:
+            self.runner.drop_lora(dropped)
+        log.info("LoRA adapter '%s' unloaded", name)
+
+    def lora_adapters(self) -> tuple[LoraAdapterInfo, ...]:
+        return self.loras.infos()
+
+    def _load_start_adapters(self, specs: tuple[LoraSpec, ...]) -> None:
+        """The --lora-modules adapters; the first bad one raises LoraError (no server)."""
+        start = time.monotonic()
+        for spec in specs:
+            self.load_lora(self.read_adapter(spec))
+        slots = self.runner.lora_slots
+        assert slots is not None
+        timed_stage(log, "lora", start, f"{len(specs)} adapters loaded; {slots.max_loras} "
+                    f"device slots of rank {self.model_info.max_lora_rank} "
+                    f"({slots.device_bytes / 2**30:.2f} GiB)")
+
+    # ---- requests ----------------------------------------------------------------------------
+
     def add_request(self, request_id: str, prompt_token_ids: Seq[int],
-                    params: SamplingParams, extra_hash_key: str | None = None) -> None:
-        """Queue a request. ``extra_hash_key`` names whatever besides the tokens changes its
-        K/V (e.g. an adapter); requests share cached KV blocks only when their keys match."""
+                    params: SamplingParams, extra_hash_key: str | None = None,
+                    lora: str | None = None) -> None:
+        """Queue a request, with the base model or the adapter named ``lora``.
+        ``extra_hash_key`` names whatever else besides the tokens changes its K/V; requests
+        share cached KV blocks only when their keys (the adapter's included) match."""
         if request_id in self._states:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate_prompt(prompt_token_ids)
+        handle = None if lora is None else self.loras.acquire(lora)
+        if handle is not None:
+            extra_hash_key = handle.hash_key if extra_hash_key is None \
+                else f"{handle.hash_key}|{extra_hash_key}"
         seq = Sequence(next(self._seq_ids), request_id, list(prompt_token_ids), params,
-                       extra_hash_key=extra_hash_key)
+                       extra_hash_key=extra_hash_key, lora=handle)
         state = self.outputs.new_state(seq)
         if self.faults.active:
             state.faults = self.faults.kinds_for(self.tokenizer.decode(prompt_token_ids))
@@ -302,7 +378,23 @@ class LLMEngine:
         return delta
 
     def _release(self, state: RequestState) -> None:
-        self.scheduler.finish(state.seq)
-        self.runner.release(state.seq.seq_id)
-        self.structured.release(state.seq.seq_id)
-        del self._states[state.seq.request_id]
+        seq = state.seq
+        self.scheduler.finish(seq)
+        self.runner.release(seq.seq_id)
+        self.structured.release(seq.seq_id)
+        if seq.lora is not None and self.loras.release(seq.lora):
+            self.runner.drop_lora(seq.lora.id)  # unloaded earlier; this was its last user
+        del self._states[seq.request_id]
+
+
+def _lora_reader(config: EngineConfig, arch: LlamaArchConfig) -> LoraReader | None:
+    """Reads and checks an adapter against this model (None: LoRA off)."""
+    lora = config.lora
+    if lora is None:
+        return None
+
+    def read(spec: LoraSpec) -> LoraAdapter:
+        return load_adapter(spec, arch, lora.max_lora_rank, download_dir=config.download_dir,
+                            offline=config.offline)
+
+    return read

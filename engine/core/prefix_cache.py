@@ -1,8 +1,8 @@
 """Content identity of full KV blocks, and the index of blocks whose content can be reused.
 
 Torch-free. A full block's K/V is a function of every token up to its end (attention looks
-back), of the model, and of whatever else changes the activations (a LoRA adapter, later).
-Its hash therefore chains over the blocks before it:
+back), of the model, and of whatever else changes the activations (the LoRA adapter it runs
+with). Its hash therefore chains over the blocks before it:
 
     hash(block i) = sha256(hash(block i - 1) || extra key || token ids of block i)
 

@@ -10,8 +10,10 @@ import torch
 
 from engine.core.batch import StepInputs, build_step_inputs
 from engine.core.scheduler import ScheduledSeq, SchedulerOutput
+from engine.lora.peft import LoraAdapter
 from engine.model.cuda_graphs import DecodeGraphConfig, DecodeGraphs
 from engine.model.llama import KVCache, LlamaModel
+from engine.model.lora.slots import LoraSlots
 from engine.outputs import TokenLogprob
 from engine.progress import timed_stage
 from engine.sampling.sampler import Sampler, SamplingRow
@@ -68,24 +70,49 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, self.kv_caches, graphs, block_size,
                                        sink_slot=num_blocks * block_size)
             self.graphs.capture()
+        # The model's adapter slots and the host copies of every loaded adapter (LoRA on).
+        self.lora_slots: LoraSlots | None = None
+        if model.lora is not None:
+            self.lora_slots = LoraSlots(model.lora_sites, model.lora.max_loras, model.dtype,
+                                        model.device)
         self.sampler = Sampler(vocab_size, seed=seed)
         self.vocab_size = vocab_size
         # Per-request generators for seeded sampling, keyed by seq_id; released on finish.
         self._generators: dict[int, torch.Generator] = {}
 
+    def add_lora(self, adapter_id: int, adapter: LoraAdapter) -> None:
+        assert self.lora_slots is not None, "LoRA is off"
+        self.lora_slots.add(adapter_id, adapter)
+
+    def drop_lora(self, adapter_id: int) -> None:
+        if self.lora_slots is not None:
+            self.lora_slots.remove(adapter_id)
+
+    def step_inputs(self, out: SchedulerOutput) -> StepInputs:
+        """The step's tensors, its adapters made resident first (each row's slot)."""
+        lora = self.model.lora
+        if self.lora_slots is None or lora is None:
+            return build_step_inputs(out, self.block_size, self.model.device)
+        placed = self.lora_slots.prepare(s.seq.lora.id for s in out.scheduled
+                                   if s.seq.lora is not None)
+        slots = [-1 if s.seq.lora is None else placed[s.seq.lora.id] for s in out.scheduled]
+        return build_step_inputs(out, self.block_size, self.model.device, slots,
+                                 lora.max_loras, lora.kernels.reads_groups)
+
     def run(self, out: SchedulerOutput, grammars: StepGrammars | None = None) -> StepResult:
         """``grammars``: the constrained sequences' matchers (a per-row side input of the step,
         None when no sampling sequence has one). Their masks are computed on the host after
         the forward pass is queued, so on a GPU they overlap it."""
-        inputs = build_step_inputs(out, self.block_size, self.model.device)
+        inputs = self.step_inputs(out)
         if self._use_graph(out, inputs):
             assert self.graphs is not None
             # One row per sequence: the graph's logits are already per sequence.
-            step_logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+            step_logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta,
+                                          inputs.lora)
             prompt_logprobs: dict[int, list[TokenLogprob]] = {}
         else:
             hidden = self.model.forward(inputs.input_ids, inputs.positions, self.kv_caches,
-                                        inputs.meta)  # [T, hidden]
+                                        inputs.meta, inputs.lora)  # [T, hidden]
             prompt_logprobs = self._prompt_logprobs(out, inputs, hidden)
             step_logits = None
         sampled: list[SampledToken | None] = [None] * len(out.scheduled)
@@ -109,6 +136,8 @@ class ModelRunner:
         if self.graphs is None or not inputs.meta.decode_only:
             return False
         if self.graphs.bucket_for(inputs.meta.num_seqs) is None:
+            return False
+        if inputs.lora is not None and not self.graphs.captures_lora:
             return False
         return not any(s.seq.params.prompt_logprobs is not None
                        and s.seq.num_computed_tokens < s.seq.num_prompt_tokens - 1

@@ -17,6 +17,10 @@ prompt for a prefilling one (chunked when the step's token budget runs short). P
    that want prompt logprobs take no hits: every prompt position's logits must be computed.
    Blocks join the cache once they are full of computed tokens (after the step that filled
    them), so a prefix computed in this step is shared from the next one on.
+4. With LoRA, the running sequences use at most ``max_loras`` distinct adapters (the device
+   holds that many): a waiting sequence whose adapter would be one too many is not admitted,
+   and admission stops there (no overtaking) until a running adapter's last sequence ends.
+   Every step's adapters are a subset of the running ones, so no step needs more.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+    # Distinct LoRA adapters the running sequences may use at once (None: LoRA off).
+    max_loras: int | None = None
 
 
 @dataclass(frozen=True)
@@ -104,17 +110,27 @@ class Scheduler:
             i += 1
 
         # Admit waiting sequences only when no running one had to give way this step.
+        adapters = {s.lora.id for s in self.running if s.lora is not None}
         while self.waiting and budget > 0 and not preempted \
                 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if not self._adapter_fits(seq, adapters):
+                break
             num_new = self._admit(seq, budget)
             if num_new is None:
                 break
             self.waiting.popleft()
             self.running.append(seq)
+            if seq.lora is not None:
+                adapters.add(seq.lora.id)
             scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
         return SchedulerOutput(tuple(scheduled), tuple(preempted))
+
+    def _adapter_fits(self, seq: Sequence, adapters: set[int]) -> bool:
+        limit = self.config.max_loras
+        return (seq.lora is None or limit is None or seq.lora.id in adapters
+                or len(adapters) < limit)
 
     def _admit(self, seq: Sequence, budget: int) -> int | None:
         """Give a waiting sequence its blocks (cached prefix first) and start it running.

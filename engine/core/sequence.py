@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from engine.lora.registry import LoraHandle
 from engine.params import SamplingParams
 
 
@@ -43,6 +44,9 @@ class Sequence:
     # runs with); part of every block hash, so sequences whose keys differ never share KV
     # blocks. None: the base model alone.
     extra_hash_key: str | None = None
+    # The LoRA adapter this sequence runs with (None: the base model). Its hash_key is the
+    # sequence's extra_hash_key.
+    lora: LoraHandle | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING

@@ -14,6 +14,10 @@ Invariants:
 - Attention sees max_seq_len = max_model_len at capture: an upper bound, which is all the decode
   kernel uses it for (its split count).
 - All graphs share one memory pool; the largest bucket is captured first.
+- With LoRA on (and graph-capturable LoRA kernels), each bucket has two graphs: one without
+  LoRA kernels for steps whose rows are all the base model's (they pay nothing for LoRA), and
+  one that reads the step's adapter segments from static buffers (``sorted_rows``,
+  ``seg_start``). Padding rows are in no segment, so they get no delta.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 
 from engine.model.attention.base import AttentionMetadata
 from engine.model.llama import KVCache, LlamaModel
+from engine.model.lora.base import LoraBatch
 from engine.progress import timed_stage
 
 log = logging.getLogger(__name__)
@@ -52,6 +57,8 @@ class _StaticInputs:
     seq_lens: torch.Tensor  # [B] int32
     block_tables: torch.Tensor  # [B, max_blocks_per_seq] int32
     query_start_loc: torch.Tensor  # [B+1] int32: 0..B, fixed (one query row per sequence)
+    # The LoRA graphs' side input (None without LoRA): rows grouped by slot, segment starts.
+    lora: LoraBatch | None
 
 
 class DecodeGraphs:
@@ -72,10 +79,19 @@ class DecodeGraphs:
             seq_lens=torch.zeros(size, dtype=torch.int32, device=device),
             block_tables=torch.zeros((size, -(-max_model_len // block_size)), dtype=torch.int32,
                                      device=device),
-            query_start_loc=torch.arange(size + 1, dtype=torch.int32, device=device))
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._logits: dict[int, torch.Tensor] = {}  # bucket -> [bucket, V] float32, graph output
+            query_start_loc=torch.arange(size + 1, dtype=torch.int32, device=device),
+            lora=None if model.lora is None or not model.lora.kernels.graph_capturable
+            else LoraBatch(sorted_rows=torch.zeros(size, dtype=torch.int32, device=device),
+                           seg_start=torch.zeros(model.lora.max_loras + 1, dtype=torch.int32,
+                                                 device=device), groups=()))
+        # (bucket, with LoRA) -> graph and its output: logits [bucket, V] float32.
+        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self._logits: dict[tuple[int, bool], torch.Tensor] = {}
         self._pool: object | None = None
+
+    @property
+    def captures_lora(self) -> bool:
+        return self.static.lora is not None
 
     @property
     def max_batch(self) -> int:
@@ -85,8 +101,10 @@ class DecodeGraphs:
         """Capture every bucket, largest first (later captures reuse its pool memory)."""
         start = time.monotonic()
         for bucket in reversed(self.buckets):
-            self._capture(bucket)
-        timed_stage(log, "CUDA graphs", start, f"decode captured for batch sizes {self.buckets}")
+            for with_lora in ((False, True) if self.captures_lora else (False,)):
+                self._capture(bucket, with_lora)
+        timed_stage(log, "CUDA graphs", start, f"decode captured for batch sizes {self.buckets}"
+                    + (" (with and without LoRA)" if self.captures_lora else ""))
 
     def _meta(self, bucket: int) -> AttentionMetadata:
         s = self.static
@@ -97,12 +115,15 @@ class DecodeGraphs:
             query_start_loc_cpu=list(range(bucket + 1)), seq_lens_cpu=[0] * bucket)
 
     @torch.inference_mode()
-    def _capture(self, bucket: int) -> None:
+    def _capture(self, bucket: int, with_lora: bool) -> None:
         s, meta = self.static, self._meta(bucket)
+        lora = s.lora if with_lora else None
+        if lora is not None:
+            lora.seg_start.zero_()  # every row is padding: the LoRA kernels exit at once
 
         def step() -> torch.Tensor:
             hidden = self.model.forward(s.input_ids[:bucket], s.positions[:bucket],
-                                        self.kv_caches, meta)  # [bucket, hidden]
+                                        self.kv_caches, meta, lora)  # [bucket, hidden]
             return self.model.compute_logits(hidden)  # [bucket, V]
 
         # A warm-up run outside the graph compiles Triton kernels and sets up cuBLAS handles,
@@ -116,8 +137,8 @@ class DecodeGraphs:
             logits = step()
         if self._pool is None:
             self._pool = graph.pool()
-        self._graphs[bucket] = graph
-        self._logits[bucket] = logits
+        self._graphs[bucket, with_lora] = graph
+        self._logits[bucket, with_lora] = logits
 
     def bucket_for(self, num_seqs: int) -> int | None:
         """The smallest captured batch size that fits num_seqs, or None if none does."""
@@ -128,7 +149,7 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
-            meta: AttentionMetadata) -> torch.Tensor:
+            meta: AttentionMetadata, lora: LoraBatch | None = None) -> torch.Tensor:
         """A decode step of n = meta.num_seqs rows -> logits [n, V] float32.
 
         The returned tensor is the graph's output buffer: read it before the next replay.
@@ -137,6 +158,8 @@ class DecodeGraphs:
         bucket = self.bucket_for(n)
         if bucket is None or not meta.decode_only:
             raise ValueError(f"no decode graph for {n} sequences (decode_only={meta.decode_only})")
+        if lora is not None and self.static.lora is None:
+            raise ValueError("these decode graphs were captured without LoRA")
         s = self.static
         s.input_ids[:n].copy_(input_ids, non_blocking=True)
         s.positions[:n].copy_(positions, non_blocking=True)
@@ -145,9 +168,16 @@ class DecodeGraphs:
         width = meta.block_tables.shape[1]
         # Columns past `width` keep stale entries: the kernel never reads past seq_len.
         s.block_tables[:n, :width].copy_(meta.block_tables, non_blocking=True)
+        if lora is not None:
+            assert s.lora is not None
+            # Entries past the last segment's end keep stale rows: no program reads them.
+            s.lora.sorted_rows[:lora.sorted_rows.shape[0]].copy_(lora.sorted_rows,
+                                                                 non_blocking=True)
+            s.lora.seg_start.copy_(lora.seg_start, non_blocking=True)
         self._reset_padding(n, bucket)
-        self._graphs[bucket].replay()
-        return self._logits[bucket][:n]
+        key = (bucket, lora is not None)
+        self._graphs[key].replay()
+        return self._logits[key][:n]
 
     def _reset_padding(self, start: int, end: int) -> None:
         if start < end:

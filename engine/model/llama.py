@@ -4,6 +4,11 @@ Modules in the manner of gpt-fast: Attention, FeedForward, TransformerBlock, Lla
 model owns no KV memory: the runner passes the per-layer caches and the step's metadata
 explicitly on every call.
 
+With LoRA on, every projection also has adapter slots (engine/model/lora/): the step's
+``LoraBatch`` says which rows use which slot, and the low-rank delta of each row's adapter is
+added beside the quantised product (``Projection``); a step without adapter rows passes None
+and runs no LoRA kernel.
+
 On CUDA two things change, neither the arithmetic: q/k/v (and gate/up) are one linear layer
 over their output-concatenated weights when their quantisation layout allows it (fewer, larger
 kernels), and the norms, rotary embedding and SiLU run as fused Triton kernels
@@ -25,6 +30,7 @@ from engine.checkpoint.types import (
 from engine.model.attention.base import AttentionBackend, AttentionMetadata
 from engine.model.layers import RotaryEmbedding, rms_norm
 from engine.model.linear.base import LinearBackend, QuantLinear
+from engine.model.lora.base import LoraBatch, LoraKernels, LoraModelConfig, LoraSite
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # ([N, bs, Hkv, D], [N, bs, Hkv, D])
 
@@ -58,32 +64,80 @@ def concat_outputs(name: str, parts: list[GPTQLinearWeights]) -> GPTQLinearWeigh
         bias=None if first.bias is None else torch.cat([p.bias for p in parts]))  # type: ignore[misc]
 
 
+class Projection:
+    """A quantised linear and, with LoRA on, its adapter slots: y = base(x) + each adapter
+    row's delta. A fused layer's slots keep one delta per sub-projection (``modules``)."""
+
+    def __init__(self, linear: QuantLinear, site: LoraSite | None,
+                 kernels: LoraKernels | None) -> None:
+        self.linear = linear
+        self.site = site
+        self.kernels = kernels
+
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+        """x: [T, in] -> [T, out]"""
+        y = self.linear.forward(x)
+        if lora is not None and self.site is not None:
+            assert self.kernels is not None
+            self.kernels.add(y, x, self.site, lora)
+        return y
+
+
+class ProjectionFactory:
+    """Makes every projection of the model through the linear backend, giving each LoRA slots
+    when ``lora`` is set; ``sites`` collects those slots (the adapter slot manager fills them)."""
+
+    def __init__(self, linear: LinearBackend, lora: LoraModelConfig | None,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.linear = linear
+        self.lora = lora
+        self.dtype = dtype
+        self.device = device
+        self.sites: list[LoraSite] = []
+
+    def make(self, layer: int, parts: list[tuple[str, GPTQLinearWeights]],
+             fused: GPTQLinearWeights | None = None) -> Projection:
+        """One projection computing ``parts`` (module name, weights) side by side: ``fused``,
+        their output-concatenated layer, or the one part itself."""
+        weights = fused if fused is not None else parts[0][1]
+        site = None
+        if self.lora is not None:
+            site = LoraSite(layer, tuple(m for m, _ in parts), weights.in_features,
+                            tuple(w.out_features for _, w in parts), self.lora.max_loras,
+                            self.lora.max_rank, self.dtype, self.device)
+            self.sites.append(site)
+        return Projection(self.linear.make(weights), site,
+                          None if self.lora is None else self.lora.kernels)
+
+
 class Attention:
-    def __init__(self, arch: LlamaArchConfig, w: LlamaLayerWeights, linear: LinearBackend,
-                 attention: AttentionBackend, rotary: RotaryEmbedding, fuse: bool) -> None:
+    def __init__(self, arch: LlamaArchConfig, layer: int, w: LlamaLayerWeights,
+                 make: ProjectionFactory, attention: AttentionBackend, rotary: RotaryEmbedding,
+                 fuse: bool) -> None:
         self.num_heads = arch.num_heads
         self.num_kv_heads = arch.num_kv_heads
         self.head_dim = arch.head_dim
         self.scale = self.head_dim ** -0.5
         self.fused = fuse
+        parts = [("q_proj", w.q_proj), ("k_proj", w.k_proj), ("v_proj", w.v_proj)]
         qkv = concat_outputs(w.q_proj.name.rsplit(".", 1)[0] + ".qkv_proj",
-                             [w.q_proj, w.k_proj, w.v_proj]) if fuse else None
-        self.qkv_proj: QuantLinear | None = None if qkv is None else linear.make(qkv)
-        self.projs: tuple[QuantLinear, ...] = () if qkv is not None else (
-            linear.make(w.q_proj), linear.make(w.k_proj), linear.make(w.v_proj))
-        self.o_proj = linear.make(w.o_proj)
+                             [p for _, p in parts]) if fuse else None
+        self.qkv_proj: Projection | None = None if qkv is None else make.make(layer, parts, qkv)
+        self.projs: tuple[Projection, ...] = () if qkv is not None else tuple(
+            make.make(layer, [p]) for p in parts)
+        self.o_proj = make.make(layer, [("o_proj", w.o_proj)])
         self.attention = attention
         self.rotary = rotary
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata, lora: LoraBatch | None) -> torch.Tensor:
         t = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if self.qkv_proj is not None:
-            qkv = self.qkv_proj.forward(x)  # [T, q_size + 2 * kv_size]
+            qkv = self.qkv_proj.forward(x, lora)  # [T, q_size + 2 * kv_size]
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=1)
         else:
-            q, k, v = (proj.forward(x) for proj in self.projs)
+            q, k, v = (proj.forward(x, lora) for proj in self.projs)
         q = q.view(t, self.num_heads, self.head_dim)  # [T, H, D] (rows may be strided)
         k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(t, self.num_kv_heads, self.head_dim)
@@ -93,74 +147,84 @@ class Attention:
             q = self.rotary.apply(q, positions)
             k = self.rotary.apply(k, positions)
         out = self.attention.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.o_proj.forward(out.reshape(t, q_size))
+        return self.o_proj.forward(out.reshape(t, q_size), lora)
 
 
 class FeedForward:
-    def __init__(self, w: LlamaLayerWeights, linear: LinearBackend, fuse: bool) -> None:
+    def __init__(self, layer: int, w: LlamaLayerWeights, make: ProjectionFactory,
+                 fuse: bool) -> None:
+        parts = [("gate_proj", w.gate_proj), ("up_proj", w.up_proj)]
         gate_up = concat_outputs(w.gate_proj.name.rsplit(".", 1)[0] + ".gate_up_proj",
-                                 [w.gate_proj, w.up_proj]) if fuse else None
-        self.gate_up_proj: QuantLinear | None = None if gate_up is None else linear.make(gate_up)
-        self.projs: tuple[QuantLinear, ...] = () if gate_up is not None else (
-            linear.make(w.gate_proj), linear.make(w.up_proj))
-        self.down_proj = linear.make(w.down_proj)
+                                 [p for _, p in parts]) if fuse else None
+        self.gate_up_proj: Projection | None = (None if gate_up is None
+                                                else make.make(layer, parts, gate_up))
+        self.projs: tuple[Projection, ...] = () if gate_up is not None else tuple(
+            make.make(layer, [p]) for p in parts)
+        self.down_proj = make.make(layer, [("down_proj", w.down_proj)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            return self.down_proj.forward(fused_ops().silu_mul(self.gate_up_proj.forward(x)))
+            return self.down_proj.forward(
+                fused_ops().silu_mul(self.gate_up_proj.forward(x, lora)), lora)
         gate_proj, up_proj = self.projs
-        gate = torch.nn.functional.silu(gate_proj.forward(x))
-        return self.down_proj.forward(gate * up_proj.forward(x))
+        gate = torch.nn.functional.silu(gate_proj.forward(x, lora))
+        return self.down_proj.forward(gate * up_proj.forward(x, lora), lora)
 
 
 class TransformerBlock:
-    def __init__(self, arch: LlamaArchConfig, w: LlamaLayerWeights, linear: LinearBackend,
-                 attention: AttentionBackend, rotary: RotaryEmbedding,
+    def __init__(self, arch: LlamaArchConfig, layer: int, w: LlamaLayerWeights,
+                 make: ProjectionFactory, attention: AttentionBackend, rotary: RotaryEmbedding,
                  dtype: torch.dtype, device: torch.device) -> None:
         self.eps = arch.rms_norm_eps
         self.input_norm = w.input_layernorm.to(device=device, dtype=dtype)
         self.post_norm = w.post_attention_layernorm.to(device=device, dtype=dtype)
         # Fused kernels and concatenated projections on CUDA; the CPU path stays plain torch.
         self.fused = device.type == "cuda"
-        self.attn = Attention(arch, w, linear, attention, rotary, self.fused)
-        self.mlp = FeedForward(w, linear, self.fused)
+        self.attn = Attention(arch, layer, w, make, attention, rotary, self.fused)
+        self.mlp = FeedForward(layer, w, make, self.fused)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata, lora: LoraBatch | None) -> torch.Tensor:
         if not self.fused:
             h = x + self.attn.forward(rms_norm(x, self.input_norm, self.eps), positions,
-                                      kv_cache, meta)
-            return h + self.mlp.forward(rms_norm(h, self.post_norm, self.eps))
+                                      kv_cache, meta, lora)
+            return h + self.mlp.forward(rms_norm(h, self.post_norm, self.eps), lora)
         ops = fused_ops()
         a = self.attn.forward(ops.rms_norm(x, self.input_norm, self.eps), positions, kv_cache,
-                              meta)
+                              meta, lora)
         h, normed = ops.add_rms_norm(x, a, self.post_norm, self.eps)  # h = x + a
-        return h + self.mlp.forward(normed)
+        return h + self.mlp.forward(normed, lora)
 
 
 class LlamaModel:
     def __init__(self, arch: LlamaArchConfig, weights: LlamaWeights, linear: LinearBackend,
                  attention: AttentionBackend, dtype: torch.dtype, device: torch.device,
-                 max_position: int) -> None:
+                 max_position: int, lora: LoraModelConfig | None = None) -> None:
         self.arch = arch
         self.dtype = dtype
         self.device = device
         self.linear_backend = linear
         self.attention_backend = attention
+        self.lora = lora
         rotary = RotaryEmbedding(arch.head_dim, max_position, arch.rope_theta, device)
         self.embed_tokens = weights.embed_tokens.to(device=device, dtype=dtype)  # [V, hidden]
-        self.layers = [TransformerBlock(arch, w, linear, attention, rotary, dtype, device)
-                       for w in weights.layers]
+        make = ProjectionFactory(linear, lora, dtype, device)
+        self.layers = [TransformerBlock(arch, i, w, make, attention, rotary, dtype, device)
+                       for i, w in enumerate(weights.layers)]
+        # Every projection's adapter slots (empty without LoRA), for the slot manager.
+        self.lora_sites = make.sites
         self.norm = weights.norm.to(device=device, dtype=dtype)
         self.lm_head = weights.lm_head.to(device=device, dtype=dtype)  # [V, hidden]
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions: [T] -> final hidden states [T, hidden] (after the last norm)."""
+                kv_caches: list[KVCache], meta: AttentionMetadata,
+                lora: LoraBatch | None = None) -> torch.Tensor:
+        """input_ids, positions: [T] -> final hidden states [T, hidden] (after the last norm).
+        ``lora``: which adapter slot each row uses (None: every row is the base model's)."""
         x = self.embed_tokens[input_ids]  # [T, hidden]
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer.forward(x, positions, kv_cache, meta)
+            x = layer.forward(x, positions, kv_cache, meta, lora)
         if self.device.type == "cuda":
             return fused_ops().rms_norm(x, self.norm, self.arch.rms_norm_eps)
         return rms_norm(x, self.norm, self.arch.rms_norm_eps)

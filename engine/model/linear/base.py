@@ -26,6 +26,10 @@ class QuantLinear(Protocol):
 
 class LinearBackend(Protocol):
     name: str
+    # Capability: every layer's forward returns a fresh [T, out] tensor (never a view of a
+    # weight or of a buffer another layer reuses within the step), so LoRA can add its delta
+    # to it in place. The engine refuses LoRA on a backend that does not declare this.
+    supports_lora: bool
 
     def make(self, weights: GPTQLinearWeights) -> QuantLinear:
         """Build one layer (phase one). May move weights to the backend's device."""

@@ -165,6 +165,8 @@ class ExllamaLinearBackend:
     """
 
     name = "exllama"
+    # forward returns a fresh [T, out] tensor: a LoRA delta may be added to it in place.
+    supports_lora = True
 
     def __init__(self, device: torch.device, crossover: int | None = None,
                  dense: str = "scratch", ext: ExllamaExt | None = None) -> None:

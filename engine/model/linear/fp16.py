@@ -75,6 +75,8 @@ class ExpandedLinearBackend:
     """Every layer expanded to a dense matrix at load (ModelInfo.linear_backend "fp16-expanded")."""
 
     name = "fp16-expanded"
+    # forward returns a fresh [T, out] tensor: a LoRA delta may be added to it in place.
+    supports_lora = True
 
     def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
         self.dtype = dtype

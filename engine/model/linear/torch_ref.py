@@ -29,6 +29,8 @@ class DequantizedLinear:
 
 class TorchLinearBackend:
     name = "torch"
+    # forward returns a fresh [T, out] tensor: a LoRA delta may be added to it in place.
+    supports_lora = True
 
     def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
         self.dtype = dtype

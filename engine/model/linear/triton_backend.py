@@ -122,6 +122,10 @@ class TritonLinearBackend:
     scratch matrix.
     """
 
+    # forward returns a fresh [T, out] tensor on every path: a LoRA delta may be added to it
+    # in place.
+    supports_lora = True
+
     def __init__(self, device: torch.device, dense_weights: bool = False,
                  use_exllama: bool = True) -> None:
         self.device = device

@@ -1,0 +1,1 @@
+"""LoRA adapters on the quantised base: PEFT loading, the adapter registry, synthetic adapters."""
