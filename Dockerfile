@@ -109,8 +109,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     GPTQ_REVISION=main \
     GPTQ_SHUTDOWN_TIMEOUT=30
 
-# Fails the build if the prebuilt extension cannot be loaded without a compiler.
-RUN python -c "import torch, exllamav2_ext"
+# Fails the build if the prebuilt extension cannot be loaded without a compiler, or if the
+# transport between the server's two processes (pyzmq, msgspec: installed with the package
+# above) is missing.
+RUN python -c "import torch, exllamav2_ext" && python -c "import zmq, msgspec"
 
 USER 10001:10001
 WORKDIR /tmp

@@ -50,7 +50,7 @@ def internal_error(request_id: str) -> OpenAIError:
 
 
 def engine_unavailable() -> OpenAIError:
-    """The engine loop has stopped for good (/health is 503): the server must be restarted."""
+    """The engine has stopped for good (/health is 503): the server must be restarted."""
     return OpenAIError(503, "the engine has stopped; this server is restarting, retry on "
                        "another replica", code="engine_unavailable", headers={"Retry-After": "5"})
 

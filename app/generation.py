@@ -205,7 +205,8 @@ class Generation:
 
 
 def delta_error(delta: GenerationDelta, http_request_id: str) -> OpenAIError | None:
-    """An engine-side ending the client must hear about as an error (abort, fault)."""
+    """An engine-side ending the client must hear about as an error (abort, fault). A fault's
+    details stay in the log (Generation._observe), under the request id the error names."""
     if delta.finish_reason == FinishReason.ERROR:
         return internal_error(http_request_id)
     if delta.finish_reason == FinishReason.ABORT:

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import httpx
+from starlette.types import ASGIApp
+
+from app.logs import configure_logging
 from app.settings import Settings
 from app.state import ServerState
 from app.templates import load_template
 from engine.client import EngineClient
-from engine.params import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -22,18 +26,26 @@ T = TypeVar("T")
 
 
 def build_engine(settings: Settings) -> EngineClient:
-    """Load the real engine (blocking: run it in a thread). Imported here so that the app
-    imports no torch until it loads a model."""
+    """Start the engine core process and wait until its model is loaded and warmed up
+    (blocking: run it in a thread). Imported here so that importing the app loads no
+    tokenizer (nor, through transformers, torch). The core process logs its own loading
+    stages, through the same log configuration as this one."""
     start = time.monotonic()
-    from engine.core.async_engine import AsyncEngine
+    from engine.frontend.client import EngineProcessClient
+    from engine.frontend.spawn import CoreProcessOptions
     from engine.progress import timed_stage
 
-    timed_stage(log, "engine", start, "torch and the engine imported")
-    return AsyncEngine.from_config(settings.engine_config())
+    timed_stage(log, "engine", start, "engine client imported; starting the engine core "
+                "process")
+    return EngineProcessClient.launch(settings.engine_config(), CoreProcessOptions(
+        hang_timeout_s=settings.engine_hang_timeout, warmup=settings.warmup,
+        configure_logging=functools.partial(configure_logging, settings.log_level,
+                                            settings.log_format)))
 
 
-async def start(state: ServerState, engine: EngineClient | None) -> None:
-    """Load the model (unless given), start the loop, warm up, then report ready."""
+async def start(state: ServerState, engine: EngineClient | None, app: ASGIApp) -> None:
+    """Load the model (unless given), start the loop, warm up through ``app``, then report
+    ready."""
     settings = state.settings
     try:
         t0 = time.monotonic()
@@ -44,11 +56,12 @@ async def start(state: ServerState, engine: EngineClient | None) -> None:
         await engine.start()
         state.engine = engine  # from here on, shut down with the app
         state.metrics.set_model_info(engine.model_info)
+        state.serving = True
         if settings.warmup:
             t_warm = time.monotonic()
-            lengths = await warm_up(engine, settings.max_num_batched_tokens)
-            log.info("warm-up: %d generations (prompts of %s tokens) in %.1f s", len(lengths),
-                     " and ".join(map(str, lengths)), time.monotonic() - t_warm,
+            sent = await warm_up(app, settings, engine)
+            log.info("warm-up: %d requests through the app in %.2f s", sent,
+                     time.monotonic() - t_warm,
                      extra={"stage": "warm-up", "seconds": round(time.monotonic() - t_warm, 3)})
         state.ready = True
         announce(settings, engine, time.monotonic() - t0)
@@ -118,25 +131,41 @@ def display_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-async def warm_up(engine: EngineClient, chunk_tokens: int) -> list[int]:
-    """Generations through the whole path before the first user arrives: a short prompt (decode
-    kernels, graphs, sampler) and one longer than a step's token budget, so that a chunked
-    prefill compiles its kernels now rather than during someone's first request; with LoRA
-    adapters loaded, the short prompt once more with one of them (the LoRA kernels). Returns
-    the prompts' lengths."""
-    max_len = engine.model_info.max_model_len
-    tok = engine.tokenizer
-    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
-    long_len = min(chunk_tokens + 16, max_len - params.max_tokens - 1)
-    short = tok.encode("Hello world.")
-    # Repeat the short prompt's ids rather than tokenising a long text only to cut it.
-    filler = (short * (long_len // len(short) + 1))[:long_len]
+# Requests the warm-up sends through the app: both generation routes, streamed and not, with
+# the features whose code runs per token (logprobs, echo, stop strings, usage chunks).
+_WARMUP_REQUESTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("/v1/completions", {"prompt": "Hello world.", "max_tokens": 4, "temperature": 0,
+                         "ignore_eos": True, "logprobs": 2, "echo": True, "stop": ["\x00"],
+                         "stream": True, "stream_options": {"include_usage": True}}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello"}],
+                              "max_tokens": 4, "temperature": 0, "ignore_eos": True,
+                              "logprobs": True, "top_logprobs": 2}),
+)
+
+
+async def warm_up(app: ASGIApp, settings: Settings, engine: EngineClient) -> int:
+    """Requests through the app itself, in-process, before the first user arrives: routing,
+    validation, templates, the engine client and its messages, detokenising, stop strings,
+    logprob formatting, SSE and JSON encoding all run once; with LoRA adapters loaded, the
+    first request once more with one of them. (The engine core has already run every step
+    shape and sampler path before it reported loaded, engine/core/warmup.py.) The warm-up
+    requests count in the metrics like any others. Returns how many were sent."""
+    headers = {"Authorization": f"Bearer {settings.api_keys[0]}"} if settings.api_keys else {}
     adapters = engine.lora_adapters()
-    runs = [(short, None), (filler, None)] + ([(short, adapters[0].name)] if adapters else [])
-    for i, (prompt, lora) in enumerate(runs):
-        async for _ in engine.generate(prompt, params, f"warmup-{i}", lora=lora):
-            pass
-    return [len(prompt) for prompt, _ in runs]
+    runs = [(path, {"model": settings.model_names[0], **body})
+            for path, body in _WARMUP_REQUESTS]
+    if adapters:
+        path, body = _WARMUP_REQUESTS[0]
+        runs.append((path, {"model": adapters[0].name, **body}))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://warm-up",
+                                 headers=headers, timeout=None) as client:
+        for path, body in runs:
+            response = await client.post(path, json=body)
+            if response.status_code != 200 or '"error"' in response.text:
+                raise RuntimeError(f"the warm-up request to {path} failed: "
+                                   f"{response.status_code} {response.text[:300]}")
+    return len(runs)
 
 
 async def drain(state: ServerState) -> None:

@@ -19,7 +19,9 @@ from typing import Literal, TextIO
 
 from pythonjsonlogger.json import JsonFormatter
 
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# The process name tells the front (MainProcess) from the engine core process
+# (gptq-engine-core), which logs through the same configuration.
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
 
 # A context variable is the one module-level object here: it holds no value itself, each
 # task's context does (the default, None, outside a request).
@@ -40,10 +42,11 @@ class _RequestContext(logging.Filter):
 
 
 def json_formatter() -> logging.Formatter:
-    """Fields: timestamp (ISO 8601, UTC), level, logger, message, then request_id and any
+    """Fields: timestamp (ISO 8601, UTC), level, logger, process, message, then request_id and any
     ``extra`` the call passed (e.g. a loading stage's progress), and exc_info for exceptions."""
-    return JsonFormatter("%(levelname)s %(name)s %(message)s", timestamp=True,
-                         rename_fields={"levelname": "level", "name": "logger"})
+    return JsonFormatter("%(levelname)s %(name)s %(processName)s %(message)s", timestamp=True,
+                         rename_fields={"levelname": "level", "name": "logger",
+                                        "processName": "process"})
 
 
 def configure_logging(level: str, log_format: Literal["text", "json"],

@@ -41,7 +41,7 @@ def create_app(settings: Settings, engine: EngineClient | None = None) -> FastAP
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(lifecycle.start(state, engine))
+        task = asyncio.create_task(lifecycle.start(state, engine, app))
         app.state.startup_task = task
         try:
             yield

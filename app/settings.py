@@ -70,7 +70,17 @@ class Settings(BaseSettings):
                                  "blocks after their request ends and reuse them for later "
                                  "prompts that start with the same tokens "
                                  "(--no-prefix-caching turns it off).")
+    overlap_steps: bool = Field(True, description="Schedule and build each engine step while "
+                                "the previous one runs on the GPU, its sampled tokens staying "
+                                "there (--no-overlap-steps: each step waits for the one "
+                                "before; on the CPU, where nothing overlaps, that delivers "
+                                "each token one step sooner).")
     seed: int = Field(0, description="Seed of the shared sampler for unseeded requests.")
+    engine_hang_timeout: float = Field(60.0, gt=0, description="Seconds the engine core "
+                                       "process may stay silent (it reports after every step "
+                                       "and at least once a second) before it counts as hung: "
+                                       "it is killed, requests in flight end with an error "
+                                       "and /health answers 503.")
     # ---- LoRA -----------------------------------------------------------------------------
     lora_modules: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -140,7 +150,9 @@ class Settings(BaseSettings):
                                       "comments while a stream waits for tokens.")
     shutdown_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests get to "
                                     "finish after SIGTERM before they are ended.")
-    warmup: bool = Field(True, description="Run one short generation before reporting ready.")
+    warmup: bool = Field(True, description="Before reporting ready, run every step shape "
+                         "and sampler path the engine will meet, then one generation through "
+                         "the server's own path, so the first request is as fast as the rest.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level.")
     log_format: Literal["text", "json"] = Field(
@@ -206,7 +218,8 @@ class Settings(BaseSettings):
             linear_backend=self.linear_backend, dense_weights=self.dense_weights,
             attention_backend=self.attention_backend,
             dtype=self.dtype, cuda_graphs=self.cuda_graphs,
-            enable_prefix_caching=self.prefix_caching, seed=self.seed,
+            enable_prefix_caching=self.prefix_caching, overlap_steps=self.overlap_steps,
+            seed=self.seed,
             grammar_compile_timeout=self.grammar_compile_timeout,
             grammar_cache_size=self.grammar_cache_size, lora=self.lora_config())
 
@@ -238,7 +251,8 @@ SETTING_GROUPS: tuple[SettingGroup, ...] = (
                  ("device", "dtype", "linear_backend", "dense_weights", "attention_backend",
                   "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                   "num_kv_blocks", "gpu_memory_utilization", "kv_cache_memory_gb",
-                  "cuda_graphs", "prefix_caching", "grammar_cache_size", "seed", "warmup")),
+                  "cuda_graphs", "prefix_caching", "overlap_steps", "grammar_cache_size",
+                  "seed", "warmup", "engine_hang_timeout")),
     SettingGroup("lora", "LoRA adapters on the base model: which to serve, their device "
                  "slots, loading them at run time (docs/lora.md).",
                  ("lora_modules", "max_loras", "max_lora_rank", "allow_runtime_lora_updating")),

@@ -23,6 +23,9 @@ class ServerState:
     metrics: Metrics
     engine: EngineClient | None = None
     template: ChatTemplate | None = None
+    # Requests are served once the engine runs; /ready reports ready only after the warm-up
+    # requests went through the app.
+    serving: bool = False
     ready: bool = False
     draining: bool = False
     load_error: str | None = None
@@ -56,7 +59,7 @@ class ServerState:
             self.metrics.requests_rejected.labels(reason="draining").inc()
             raise OpenAIError(503, "the server is shutting down; retry on another replica",
                               code="server_shutting_down", headers={"Retry-After": "5"})
-        if not self.ready or self.engine is None:
+        if not self.serving or self.engine is None:
             self.metrics.requests_rejected.labels(reason="not_ready").inc()
             # The load error itself (it may name files) is in the log and on /ready.
             message = ("the model failed to load; see the server log" if self.load_error

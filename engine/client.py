@@ -1,7 +1,8 @@
 """The interface the HTTP layer uses to talk to an engine. Torch-free.
 
 ``app`` depends on this Protocol only; the real implementation is
-``engine.core.async_engine.AsyncEngine`` and tests may hand the app any object that satisfies it.
+``engine.frontend.client.EngineProcessClient`` (the engine core in its own process) and tests
+may hand the app any object that satisfies it.
 """
 
 from __future__ import annotations
@@ -16,8 +17,18 @@ from engine.params import SamplingParams
 
 
 class EngineDeadError(RuntimeError):
-    """``generate()`` was called after the engine loop stopped for good (it died, or the
-    server is shutting down): nothing will run until the process is restarted."""
+    """``generate()`` was called after the engine stopped for good (its process died or hung,
+    or the server is shutting down): nothing will run until the server is restarted."""
+
+
+class RequestRefused(ValueError):
+    """The engine refused a request it had accepted for checking (e.g. a grammar that did not
+    compile in time). ``param`` names the request field, as the OpenAI API spells it."""
+
+    def __init__(self, message: str, param: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
 
 
 class TokenizerLike(Protocol):

@@ -50,6 +50,9 @@ class EngineConfig:
     # Keep full KV blocks after their request ends and share them with later requests whose
     # prompts start with the same tokens (automatic prefix caching).
     enable_prefix_caching: bool = True
+    # Schedule and build each step while the previous one runs on the device, its sampled ids
+    # staying there (engine/core/llm_engine.py). Off: each step is resolved before the next.
+    overlap_steps: bool = True
     seed: int = 0
     # Seconds a constrained request's grammar may take to compile before it is refused.
     grammar_compile_timeout: float = 10.0

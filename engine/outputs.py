@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+import msgspec
+
 
 class FinishReason(enum.StrEnum):
     STOP = "stop"  # EOS, a stop token id or a stop string
@@ -13,9 +15,9 @@ class FinishReason(enum.StrEnum):
     ERROR = "error"  # an internal fault ended it; see GenerationDelta.error
 
 
-@dataclass(frozen=True)
-class TokenLogprob:
-    """The logprob of one sampled (or prompt) token and its top alternatives."""
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
+    """The logprob of one sampled (or prompt) token and its top alternatives. A Struct: it
+    crosses from the engine core process to the front as it is (engine/ipc/messages.py)."""
 
     token_id: int
     logprob: float
@@ -70,9 +72,9 @@ class GenerationDelta:
         return self.finish_reason is not None
 
 
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot of the engine for health checks and metrics. Counters are totals since start."""
+class EngineStats(msgspec.Struct, frozen=True, array_like=True):
+    """A snapshot of the engine for health checks and metrics. Counters are totals since start.
+    A Struct: the engine core process sends one with every step's outputs."""
 
     num_running: int
     num_waiting: int

@@ -63,7 +63,7 @@ class ShadowKV:
         self.slots: dict[int, tuple[str | None, tuple[int, ...]]] = {}
 
     def write(self, out: SchedulerOutput) -> None:
-        """What the model does to the cache for this step (call before on_step_done)."""
+        """What the model does to the cache for this step (call before on_step_launched)."""
         for s in out.scheduled:
             seq = s.seq
             for p in range(seq.num_computed_tokens, seq.num_computed_tokens + s.num_new_tokens):

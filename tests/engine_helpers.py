@@ -1,4 +1,5 @@
-"""Helpers for engine tests: run requests to completion and read logits through the paged path."""
+"""Helpers for engine tests: the core driven in-process with the front's output processing, and
+logits read through the paged path."""
 
 from __future__ import annotations
 
@@ -10,23 +11,63 @@ from engine.core.batch import build_step_inputs
 from engine.core.llm_engine import LLMEngine
 from engine.core.scheduler import ScheduledSeq, SchedulerOutput
 from engine.core.sequence import Sequence
-from engine.outputs import GenerationDelta
+from engine.frontend.output_processor import OutputProcessor, RequestState
+from engine.outputs import FinishReason, GenerationDelta
 from engine.params import SamplingParams
 
 _ids = itertools.count(10_000_000)
+
+
+class InProcessFront:
+    """What the process client does with each step's outputs (engine/frontend/client.py),
+    without the process: every core output becomes a GenerationDelta; a request the front
+    ends (a stop string) is aborted in the core."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.outputs = OutputProcessor(engine.tokenizer)
+        self.states: dict[str, RequestState] = {}
+
+    def add(self, request_id: str, prompt: list[int], params: SamplingParams,
+            extra_hash_key: str | None = None, lora: str | None = None) -> None:
+        self.engine.add_request(request_id, prompt, params, extra_hash_key=extra_hash_key,
+                                lora=lora)
+        self.states[request_id] = self.outputs.new_state(request_id, prompt, params, 0.0)
+
+    def step(self) -> list[GenerationDelta]:
+        deltas = []
+        for out in self.engine.step():
+            state = self.states.get(out.request_id)
+            if state is None:
+                continue  # the front ended it already
+            delta = self.outputs.process(state, out)
+            deltas.append(delta)
+            if delta.finished:
+                del self.states[out.request_id]
+                if out.finish is None:  # ended here (a stop string): the core must stop too
+                    self.engine.abort_request(out.request_id)
+        return deltas
+
+    def abort(self, request_id: str) -> GenerationDelta | None:
+        state = self.states.pop(request_id, None)
+        if state is None:
+            return None
+        self.engine.abort_request(request_id)
+        return self.outputs.end(state, FinishReason.ABORT)
 
 
 def run_to_completion(engine: LLMEngine,
                       requests: dict[str, tuple[list[int], SamplingParams]],
                       max_steps: int = 100_000) -> dict[str, list[GenerationDelta]]:
     """Add every request, step until all finish, return each request's deltas in order."""
+    front = InProcessFront(engine)
     for request_id, (prompt, params) in requests.items():
-        engine.add_request(request_id, prompt, params)
+        front.add(request_id, prompt, params)
     deltas: dict[str, list[GenerationDelta]] = {rid: [] for rid in requests}
     for _ in range(max_steps):
         if not engine.has_work:
             break
-        for delta in engine.step():
+        for delta in front.step():
             deltas[delta.request_id].append(delta)
     assert not engine.has_work, "the engine did not finish its work"
     return deltas

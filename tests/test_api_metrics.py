@@ -150,6 +150,22 @@ def test_vllm_names_agree_with_ours_and_count_known_traffic(server: ServerProces
     assert d[tpot_zero] >= 1
 
 
+WATCHED = ("gptq_kv_cache_blocks_total", "gptq_kv_cache_blocks_free",
+           "gptq_kv_cache_blocks_cached", "gptq_kv_cache_usage_ratio",
+           "gptq_num_requests_running")
+
+
+def gauges(text: str) -> dict[str, float]:
+    """The WATCHED unlabelled gauges of a /metrics text."""
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in WATCHED:
+            out[name] = float(value)
+    assert set(out) == set(WATCHED), out
+    return out
+
+
 async def test_an_overfull_cache_preempts_and_every_answer_survives(
         server: ServerProcess, tiny_checkpoint: Path, tokenizer: Tokenizer) -> None:
     """Four greedy streams whose full lengths need 4 x 6 or 7 blocks share a pool of 16: they are
@@ -174,9 +190,12 @@ async def test_an_overfull_cache_preempts_and_every_answer_survives(
         return [t for c in chunks for t in c["choices"][0]["logprobs"]["tokens"]]
 
     async def watch(done: asyncio.Event) -> None:
-        while not done.is_set():
-            seen.append(await asyncio.to_thread(scrape, server.url))
-            await asyncio.sleep(0.02)
+        # The gauges alone, read on this loop: a full parse of every family takes longer than
+        # the engine's steps, and the run lasts a few of them.
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as scraper:
+            while not done.is_set():
+                seen.append(gauges((await scraper.get("/metrics")).text))
+                await asyncio.sleep(0.005)
 
     with MetricsWatch(server.url) as totals:
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:

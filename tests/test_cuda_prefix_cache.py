@@ -12,7 +12,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.core.llm_engine import LLMEngine
-from engine.outputs import GenerationDelta
+from engine.ipc.messages import RequestOutput
 from engine.params import SamplingParams
 
 pytestmark = [
@@ -39,10 +39,10 @@ def _engine(path: Path, caching: bool) -> LLMEngine:
         enable_prefix_caching=caching))
 
 
-def _first_token(engine: LLMEngine, prompt: list[int], rid: str) -> GenerationDelta:
+def _first_token(engine: LLMEngine, prompt: list[int], rid: str) -> RequestOutput:
     engine.add_request(rid, prompt, SamplingParams(temperature=0.0, max_tokens=1,
                                                    ignore_eos=True, logprobs=5))
-    deltas: list[GenerationDelta] = []
+    deltas: list[RequestOutput] = []
     while engine.has_work:
         deltas.extend(engine.step())
     assert len(deltas) == 1 and deltas[0].logprobs is not None

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine.core.llm_engine import LLMEngine
+from engine.ipc.messages import CoreFinish
 from engine.outputs import FinishReason
 from engine.params import SamplingParams
 from tests.conftest import cpu_engine_config
@@ -80,14 +81,15 @@ def test_aborts_mid_prefill_and_mid_decode_return_every_block(tiny_checkpoint: P
     engine.step()
     long_seq = engine.scheduler.running[0]
     assert 0 < long_seq.num_computed_tokens < long_seq.num_prompt_tokens  # mid-prefill
-    delta = engine.abort_request("long")
-    assert delta is not None and delta.finish_reason == FinishReason.ABORT
+    ended = engine.abort_request("long")
+    assert ended is not None and ended.finish == CoreFinish.ABORT
     for _ in range(5):
         engine.step()
     short = next(s for s in engine.scheduler.running if s.request_id == "short")
     assert short.num_output_tokens > 0  # mid-decode
-    assert engine.abort_request("short").finish_reason == FinishReason.ABORT
-    assert engine.abort_request("queued").finish_reason == FinishReason.ABORT
+    for rid in ("short", "queued"):
+        ended = engine.abort_request(rid)
+        assert ended is not None and ended.finish == CoreFinish.ABORT
     assert engine.abort_request("unknown") is None
     assert_all_blocks_free(engine)
 

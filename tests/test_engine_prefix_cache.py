@@ -6,20 +6,20 @@ invariants hold after every step and every block comes back."""
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from engine.core.llm_engine import LLMEngine
-from engine.core.runner import StepResult
+from engine.core.runner import StepHandle
 from engine.core.scheduler import SchedulerOutput
 from engine.outputs import FinishReason, GenerationDelta, TokenLogprob
 from engine.params import SamplingParams
 from engine.structured.matchers import StepGrammars
 from tests.block_invariants import check_block_invariants, check_writes_are_private
 from tests.conftest import cpu_engine_config
-from tests.engine_helpers import output_tokens, run_to_completion
+from tests.engine_helpers import InProcessFront, output_tokens, run_to_completion
 
 BLOCK = 16
 # On this CPU both paths give bitwise-equal logprobs; a different batch shape may change a
@@ -63,31 +63,33 @@ def run_checked(engine_: LLMEngine, requests: Requests, abort_at: dict[str, int]
     block invariants hold after it; ``abort_at`` aborts a request once it has that many
     output tokens (0: once it is running); ``key`` is every request's extra hash key."""
     sched = engine_.scheduler
-    run = engine_.runner.run
+    launch = engine_.runner.launch
 
-    def run_step(out: SchedulerOutput, grammars: StepGrammars | None = None) -> StepResult:
+    def launch_step(out: SchedulerOutput,
+                    side_inputs: Callable[[], StepGrammars | None] | None = None) -> StepHandle:
         check_writes_are_private(out, sched.block_manager)
-        return run(out, grammars)
+        return launch(out, side_inputs)
 
-    engine_.runner.run = run_step  # type: ignore[method-assign]
+    engine_.runner.launch = launch_step  # type: ignore[method-assign]
+    front = InProcessFront(engine_)
     for rid, (prompt, params) in requests.items():
-        engine_.add_request(rid, prompt, params, extra_hash_key=key)
+        front.add(rid, prompt, params, extra_hash_key=key)
     deltas: dict[str, list[GenerationDelta]] = {rid: [] for rid in requests}
     try:
         for _ in range(100_000):
             if not engine_.has_work:
                 break
-            for delta in engine_.step():
+            for delta in front.step():
                 deltas[delta.request_id].append(delta)
             for rid, n in (abort_at or {}).items():
                 seq = next((s for s in sched.running if s.request_id == rid), None)
                 if seq is not None and seq.num_output_tokens >= n:
-                    aborted = engine_.abort_request(rid)
+                    aborted = front.abort(rid)
                     assert aborted is not None
                     deltas[rid].append(aborted)
             check_block_invariants(sched)
     finally:
-        del engine_.runner.run  # back to the class's method
+        del engine_.runner.launch  # back to the class's method
     assert not engine_.has_work
     return deltas
 

@@ -6,14 +6,16 @@ and reloading while requests run."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from engine.core.llm_engine import LLMEngine
-from engine.core.runner import StepResult
+from engine.core.runner import StepHandle
 from engine.core.scheduler import SchedulerOutput
+from engine.ipc.messages import RequestOutput
 from engine.lora.spec import LoraConfig, LoraError, LoraSpec
 from engine.lora.synth import AdapterSpec
 from engine.outputs import GenerationDelta
@@ -21,7 +23,7 @@ from engine.params import SamplingParams
 from engine.structured.matchers import StepGrammars
 from tests.block_invariants import check_block_invariants, check_writes_are_private
 from tests.conftest import cpu_engine_config
-from tests.engine_helpers import output_tokens
+from tests.engine_helpers import InProcessFront, output_tokens
 from tests.lora_helpers import PeftReference, lora_logits, make_adapter
 
 pytest.importorskip("peft")
@@ -68,30 +70,32 @@ def run_checked(engine: LLMEngine, requests: dict[str, tuple[list[int], str | No
     """Run every request to the end, checking after each step the block invariants and that
     the step used at most ``max_loras`` adapters, all resident in distinct slots. Appends to
     ``most_adapters`` the most adapters one step used."""
-    sched, run = engine.scheduler, engine.runner.run
+    sched, launch = engine.scheduler, engine.runner.launch
     seen: list[int] = []
 
-    def run_step(out: SchedulerOutput, grammars: StepGrammars | None = None) -> StepResult:
+    def launch_step(out: SchedulerOutput,
+                    side_inputs: Callable[[], StepGrammars | None] | None = None) -> StepHandle:
         check_writes_are_private(out, sched.block_manager)
         used = {s.seq.lora.id for s in out.scheduled if s.seq.lora is not None}
         assert len(used) <= max_loras
-        result = run(out, grammars)
+        handle = launch(out, side_inputs)
         resident = engine.runner.lora_slots.resident  # type: ignore[union-attr]
         assert used <= set(resident) and len(set(resident.values())) == len(resident)
         seen.append(len(used))
-        return result
+        return handle
 
-    engine.runner.run = run_step  # type: ignore[method-assign]
+    engine.runner.launch = launch_step  # type: ignore[method-assign]
+    front = InProcessFront(engine)
     for rid, (prompt, lora) in requests.items():
-        engine.add_request(rid, prompt, greedy(), lora=lora)
+        front.add(rid, prompt, greedy(), lora=lora)
     deltas: dict[str, list[GenerationDelta]] = {rid: [] for rid in requests}
     try:
         while engine.has_work:
-            for delta in engine.step():
+            for delta in front.step():
                 deltas[delta.request_id].append(delta)
             check_block_invariants(sched)
     finally:
-        del engine.runner.run
+        del engine.runner.launch
     if most_adapters is not None:
         most_adapters.append(max(seen))
     blocks = sched.block_manager
@@ -192,7 +196,7 @@ def test_unloading_an_adapter_lets_its_running_requests_finish(
     engine = lora_engine(tiny_checkpoint, {"mlp": adapters["mlp"]}, max_loras=1)
     prompt = [1, 50, 60, 70, 80]
     engine.add_request("running", prompt, greedy(), lora="mlp")
-    deltas: list[GenerationDelta] = []
+    deltas: list[RequestOutput] = []
     deltas += engine.step()
     engine.unload_lora("mlp")
     assert engine.lora_adapters() == ()
@@ -252,37 +256,54 @@ def test_grammar_constrained_requests_run_with_adapters(tiny_checkpoint: Path,
     params = SamplingParams(temperature=0.0, max_tokens=20,
                             constraint=Constraint(ConstraintKind.REGEX, regex, "guided_regex"))
     models: list[str | None] = [None, *ADAPTERS]
+    front = InProcessFront(engine)
     for i, model in enumerate(models):
-        engine.add_request(f"r{i}", [1, 40 + i, 50, 60], params, lora=model)
+        front.add(f"r{i}", [1, 40 + i, 50, 60], params, lora=model)
     deltas: dict[str, list[GenerationDelta]] = {f"r{i}": [] for i in range(len(models))}
     while engine.has_work:
-        for d in engine.step():
+        for d in front.step():
             deltas[d.request_id].append(d)
     texts = {rid: "".join(d.text for d in ds) for rid, ds in deltas.items()}
     assert all(re.fullmatch(regex, t) for t in texts.values()), texts
     assert len(set(texts.values())) > 1  # the adapters still change what is generated
 
 
-async def test_async_loads_and_unloads_and_never_leave_a_caller_waiting(
+async def test_loads_and_unloads_through_the_core_process_never_leave_a_caller_waiting(
         tiny_checkpoint: Path, adapters: dict[str, Path]) -> None:
-    from engine.client import EngineDeadError
-    from engine.core.async_engine import AsyncEngine
+    import asyncio
+    import os
+    import signal
 
-    engine = AsyncEngine.from_config(cpu_engine_config(tiny_checkpoint, lora=LoraConfig(
-        max_loras=1, max_lora_rank=8, allow_runtime_updates=True)))
+    from engine.client import EngineDeadError
+    from engine.frontend.client import EngineProcessClient
+
+    engine = await asyncio.to_thread(EngineProcessClient.launch, cpu_engine_config(
+        tiny_checkpoint, lora=LoraConfig(max_loras=1, max_lora_rank=8,
+                                         allow_runtime_updates=True)))
     await engine.start()
     try:
         info = await engine.load_lora(LoraSpec("mlp", str(adapters["mlp"])))
         assert info.rank == 8 and engine.lora_adapters() == (info,)
         with pytest.raises(LoraError, match="already been loaded"):
             await engine.load_lora(LoraSpec("mlp", str(adapters["mlp"])))
+        with pytest.raises(LoraError) as missing:
+            async for _ in engine.generate([1, 5, 6], SamplingParams(max_tokens=2), "x",
+                                           lora="nope"):
+                pass
+        assert missing.value.code == "lora_not_found"
         await engine.unload_lora("mlp")
         assert engine.lora_adapters() == ()
-        # A loop that dies with a load unanswered fails it rather than leaving it waiting.
-        pending = engine._lora_waiter()
-        engine._fail_all_callers("the engine loop stopped: test")
+        # A core that dies with a load unanswered fails it rather than leaving it waiting:
+        # stopped first, so that the load cannot be answered before the kill.
+        assert engine.pid is not None
+        os.kill(engine.pid, signal.SIGSTOP)
+        pending = asyncio.ensure_future(engine.load_lora(LoraSpec("all7",
+                                                                  str(adapters["all7"]))))
+        await asyncio.sleep(0.2)
+        assert not pending.done()
+        os.kill(engine.pid, signal.SIGKILL)
         with pytest.raises(EngineDeadError):
-            await pending
+            await asyncio.wait_for(pending, 30)
     finally:
         await engine.shutdown()
     with pytest.raises(EngineDeadError):

@@ -43,7 +43,7 @@ def run_step(sched: Scheduler, out: SchedulerOutput, shadow: ShadowKV | None = N
     if shadow is not None:
         shadow.write(out)
     sampling = [s.seq for s in out.scheduled if s.samples]
-    sched.on_step_done(out)
+    sched.on_step_launched(out)
     finished = []
     for seq in sampling:
         seq.append_token(token)

@@ -33,7 +33,7 @@ def make_scheduler(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int 
 def complete_step(sched: Scheduler, out: SchedulerOutput) -> list[Sequence]:
     """What the engine does after the model ran: advance, append a token, finish when done."""
     sampling = [s.seq for s in out.scheduled if s.samples]
-    sched.on_step_done(out)
+    sched.on_step_launched(out)
     finished = []
     for seq in sampling:
         seq.append_token(7)

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from engine.core.llm_engine import LLMEngine
+from engine.ipc.messages import CoreFinish, RequestOutput
 from engine.outputs import FinishReason, GenerationDelta
 from engine.params import Constraint, ConstraintKind, SamplingParams
 from engine.structured.grammar import to_grammar
@@ -103,8 +104,8 @@ def run(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]]
     return out
 
 
-def drain(engine: LLMEngine) -> list[GenerationDelta]:
-    """Step until the engine is idle; every delta of the requests already added."""
+def drain(engine: LLMEngine) -> list[RequestOutput]:
+    """Step until the engine is idle; every output of the requests already added."""
     deltas = []
     with one_intra_op_thread():
         while engine.has_work:
@@ -255,7 +256,7 @@ def test_compiles_are_cached_and_time_limited(engine: LLMEngine,
     engine.add_request("plain", engine.tokenizer.encode("x"), SamplingParams(max_tokens=3))
     deltas = drain(engine)
     # The plain request ran while the other compiled, and only it produced output.
-    assert {d.request_id for d in deltas} == {"plain"} and deltas[-1].finished
+    assert {d.request_id for d in deltas} == {"plain"} and deltas[-1].finish is not None
     refused = engine.take_refused()
     assert [r for r, _ in refused] == ["slow"] and refused[0][1].param == "response_format"
     assert "did not compile within" in str(refused[0][1])
@@ -266,8 +267,8 @@ def test_abort_while_compiling_frees_everything(engine: LLMEngine) -> None:
     constraint = schema_constraint({"type": "object", "properties": {"z": {"enum": [5, 6, 7]}}})
     engine.add_request("gone", engine.tokenizer.encode("x"),
                        SamplingParams(max_tokens=4, constraint=constraint))
-    delta = engine.abort_request("gone")
-    assert delta is not None and delta.finish_reason == FinishReason.ABORT
+    ended = engine.abort_request("gone")
+    assert ended is not None and ended.finish == CoreFinish.ABORT
     drain(engine)
     assert not engine.has_work and engine.take_refused() == []
 

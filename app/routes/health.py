@@ -16,7 +16,7 @@ async def health(request: Request) -> JSONResponse:
     """Liveness: the process serves HTTP and, once loaded, the engine loop is alive."""
     state = server_state(request)
     stats = state.stats()
-    if stats is not None and state.ready and not stats.loop_alive:
+    if stats is not None and state.serving and not stats.loop_alive:
         return JSONResponse({"status": "engine loop stopped"}, status_code=503)
     return JSONResponse({"status": "ok"})
 

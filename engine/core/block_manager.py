@@ -91,12 +91,13 @@ class BlockManager:
         return found
 
     def cache_full_blocks(self, seq: Sequence) -> None:
-        """Register ``seq``'s blocks that are now full of computed tokens (prompt or generated),
-        so later sequences can share them. A block whose content another block already holds
-        stays private (and goes to the free list when released)."""
+        """Register ``seq``'s blocks that are now full of computed tokens (prompt or generated)
+        whose ids are known (a pending token's block waits for its id), so later sequences can
+        share them. A block whose content another block already holds stays private (and goes
+        to the free list when released)."""
         if not self.enable_caching:
             return
-        num_full = seq.num_computed_tokens // self.block_size
+        num_full = min(seq.num_computed_tokens, seq.num_known_tokens) // self.block_size
         if num_full <= seq.num_cached_blocks:
             return
         extend_block_hashes(seq, self.block_size, num_full)

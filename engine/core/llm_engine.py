@@ -1,8 +1,27 @@
-"""The synchronous engine: requests in, one step at a time, deltas out. Single-threaded.
+"""The engine core: requests in, one step at a time, each request's new tokens out.
 
-The step loop reads in three lines, as in nano-vllm:
+The step reads as in nano-vllm, with the host work of step n + 1 overlapped with the device
+running step n:
 
-    out = scheduler.schedule(); result = runner.run(out); deltas = self._postprocess(out, result)
+    out = scheduler.schedule(); handle = runner.launch(out)   # step n + 1, queued on the device
+    outputs = accept(previous_handle.resolve())               # step n's tokens, on the host
+
+While the device runs a step, the host resolves the one before (stop rules, outputs for the
+front) and schedules and builds the next one; the sampled ids stay on the device, where the
+next step reads them (engine/core/runner.py), and ``resolve`` is the step's one wait. On the CPU
+``launch`` computes the step itself, so there is nothing to overlap, but the same code runs in
+the same order (each step's tokens then come one step later than they could);
+``overlap=False`` (``EngineConfig.overlap_steps``) resolves each step right after launching it.
+
+The token-level rules (EOS, stop tokens, length, grammars) are engine/core/request.py's;
+detokenising and stop strings are the front's (engine/frontend/output_processor.py), which
+aborts a request whose stop string it finds. docs/architecture.md ("Overlapped steps") says
+what overlapping changes and why every output stays what a one-step-at-a-time engine gives;
+in short: a request that ends in step n may already be in step n + 1, whose token for it is
+then dropped; ends by length are known ahead; penalties count a pending token on the device; a
+preempted sequence is readmitted once its pending token is known; a constrained sequence whose
+token is pending gets the step before delivered after its own forward pass is queued and
+before it samples (``side_inputs``), so its mask comes from the advanced matcher.
 """
 
 from __future__ import annotations
@@ -17,9 +36,11 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint.loader import load_checkpoint
+from engine.checkpoint.hub import resolve_checkpoint
+from engine.checkpoint.loader import load_folder
 from engine.checkpoint.types import LlamaArchConfig
 from engine.config import EngineConfig
+from engine.core.adapters import EngineAdapters, LoraReader
 from engine.core.block_manager import BlockManager
 from engine.core.build import (
     make_attention_backend,
@@ -29,21 +50,25 @@ from engine.core.build import (
     resolve_device,
     resolve_dtype,
 )
-from engine.core.output_processor import OutputProcessor, RequestState
-from engine.core.runner import ModelRunner, StepResult
+from engine.core.prefix_cache import PrefixCacheStats
+from engine.core.request import CoreRequest
+from engine.core.runner import ModelRunner, SampledTokens, StepHandle
 from engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.core.sequence import Sequence
 from engine.faults import FaultKind, FaultPlan, InjectedFault, InjectedLoopCrash
+from engine.ipc.messages import CoreFinish, RequestOutput
 from engine.lora.peft import LoraAdapter, load_adapter
-from engine.lora.registry import LoraAdapterInfo, LoraRegistry
-from engine.lora.spec import LoraError, LoraSpec
+from engine.lora.registry import LoraAdapterInfo
+from engine.lora.spec import LoraSpec
 from engine.model.cuda_graphs import DecodeGraphConfig
 from engine.model.llama import LlamaModel
-from engine.outputs import FinishReason, GenerationDelta, ModelInfo
+from engine.outputs import EngineStats, ModelInfo
 from engine.params import SamplingParams
 from engine.progress import timed_stage
+from engine.prompt import validate_prompt
 from engine.structured.grammar import GrammarError, GrammarLimits
 from engine.structured.manager import StructuredConfig, StructuredOutputs
+from engine.structured.matchers import StepGrammars
 from engine.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -51,16 +76,6 @@ log = logging.getLogger(__name__)
 # How long a step with nothing to run waits for a compiling grammar before it returns (the
 # engine loop then looks at its inbox and calls step again).
 _COMPILE_POLL_S = 0.005
-
-
-class PromptError(ValueError):
-    """A prompt the engine cannot take. ``param`` names the offending request field."""
-
-    def __init__(self, message: str, param: str = "prompt",
-                 code: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-        self.code = code
 
 
 @dataclass
@@ -72,44 +87,53 @@ class EngineCounters:
     # tokens taken from the prefix cache are not): the prefill work actually done.
     num_prompt_tokens_computed: int = 0
     # Steps whose model run raised, in a row (reset by a step that succeeds): a device that
-    # keeps failing makes the async front stop the loop so the server reports itself unhealthy.
+    # keeps failing makes the core loop stop, so the server reports itself unhealthy.
     num_consecutive_failed_steps: int = 0
 
-
-LoraReader = Callable[[LoraSpec], LoraAdapter]
 
 
 class LLMEngine:
     def __init__(self, model_info: ModelInfo, tokenizer: Tokenizer, scheduler: Scheduler,
                  runner: ModelRunner, model_memory_bytes: int | None = None,
-                 structured: StructuredConfig | None = None,
+                 overlap: bool = True, structured: StructuredConfig | None = None,
                  faults: FaultPlan | None = None,
                  lora_reader: LoraReader | None = None) -> None:
-        """``lora_reader`` reads and checks an adapter against this model (None: LoRA off)."""
+        """``lora_reader`` reads and checks an adapter against this model (None: LoRA off);
+        ``faults``: the test-only fault hooks (engine/faults.py), off by default."""
         self.model_info = model_info
         self.tokenizer = tokenizer
+        self.eos_token_id = tokenizer.eos_token_id
         self.scheduler = scheduler
         self.runner = runner
         self.max_model_len = model_info.max_model_len
-        self.outputs = OutputProcessor(tokenizer, self.max_model_len)
         self.structured = StructuredOutputs(tokenizer, structured or StructuredConfig())
         self.counters = EngineCounters()
         # Device memory the weights (and the linear kernels' scratch) took, when on a GPU.
         self.model_memory_bytes = model_memory_bytes
-        self._states: dict[str, RequestState] = {}
+        # Resolve each step after launching the next (True) or right after its own launch.
+        self.overlap = overlap
+        self._states: dict[str, CoreRequest] = {}
         # Requests whose grammar failed to compile, for the caller to fail (take_refused).
         self._refused: list[tuple[str, GrammarError]] = []
         self._seq_ids = itertools.count()
         self.faults = faults or FaultPlan.none()
-        self._lora_reader = lora_reader
-        self.loras = LoraRegistry()
+        self.adapters = EngineAdapters(runner, lora_reader, model_info.max_lora_rank)
+        self.loras = self.adapters.registry
+        # The launched step whose results are not yet on the host.
+        self._inflight: StepHandle | None = None
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> LLMEngine:
+    def from_config(cls, config: EngineConfig,
+                    on_checkpoint: Callable[[Path], None] | None = None) -> LLMEngine:
+        """Load the model ``config`` names. ``on_checkpoint`` hears the checkpoint's folder
+        once it is on disk (downloaded if need be), before the weights are read."""
         device = resolve_device(config)
         dtype = resolve_dtype(config, device)
-        ckpt = load_checkpoint(config.model, config.revision,
-                               download_dir=config.download_dir, offline=config.offline)
+        folder = resolve_checkpoint(config.model, config.revision,
+                                    download_dir=config.download_dir, offline=config.offline)
+        if on_checkpoint is not None:
+            on_checkpoint(folder)
+        ckpt = load_folder(folder)
         arch = ckpt.arch
         max_model_len = config.max_model_len or arch.max_position_embeddings
         faults = FaultPlan.from_environment()
@@ -157,103 +181,64 @@ class LLMEngine:
         structured = StructuredConfig(
             limits=GrammarLimits(), compile_timeout_s=config.grammar_compile_timeout,
             cache_size=config.grammar_cache_size)
-        engine = cls(info, tokenizer, scheduler, runner, model_bytes, structured, faults,
-                     _lora_reader(config, arch))
+        engine = cls(info, tokenizer, scheduler, runner, model_bytes, config.overlap_steps,
+                     structured, faults, _lora_reader(config, arch))
         if config.lora is not None:
-            engine._load_start_adapters(config.lora.adapters)
+            engine.adapters.load_at_start(config.lora.adapters)
         log.info("engine ready: %s", info)
         return engine
 
     @property
     def has_work(self) -> bool:
-        """Requests to step, or grammars still compiling for some."""
-        return self.scheduler.has_work or self.structured.has_compiling
+        """Requests to schedule, a launched step whose tokens are not yet delivered, or
+        grammars still compiling for some."""
+        return (self.scheduler.has_work or self._inflight is not None
+                or self.structured.has_compiling)
 
     def validate_prompt(self, prompt_token_ids: Seq[int]) -> None:
-        if not prompt_token_ids:
-            raise PromptError("the prompt is empty")
-        vocab = self.tokenizer.vocab_size
-        for t in prompt_token_ids:
-            if not isinstance(t, int) or not 0 <= t < vocab:
-                raise PromptError(f"token id {t!r} is outside the vocabulary [0, {vocab})")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise PromptError(
-                f"the prompt has {len(prompt_token_ids)} tokens; this model's maximum context "
-                f"length is {self.max_model_len}, which must leave room for at least one new "
-                "token", code="context_length_exceeded")
+        validate_prompt(prompt_token_ids, self.tokenizer.vocab_size, self.max_model_len)
 
-    # ---- LoRA adapters ---------------------------------------------------------------------
+    # ---- LoRA adapters (engine/core/adapters.py) -------------------------------------------
 
     def read_adapter(self, spec: LoraSpec) -> LoraAdapter:
         """Read and check an adapter (any thread: touches no engine state)."""
-        if self._lora_reader is None:
-            raise LoraError("this server was started without LoRA support (give "
-                            "--lora-modules or --allow-runtime-lora-updating)",
-                            code="lora_disabled")
-        return self._lora_reader(spec)
+        return self.adapters.read(spec)
 
     def load_lora(self, adapter: LoraAdapter, replace: bool = False) -> LoraAdapterInfo:
-        """Serve a read adapter under its name (``replace``: instead of the one loaded under
-        it; requests already running keep the old weights to the end)."""
-        spec = adapter.spec
-        info = LoraAdapterInfo(name=spec.name, source=spec.source, revision=spec.revision,
-                               rank=adapter.rank, target_modules=adapter.target_modules,
-                               digest=adapter.digest)
-        handle, dropped = self.loras.add(info, replace)
-        self.runner.add_lora(handle.id, adapter)
-        if dropped is not None:
-            self.runner.drop_lora(dropped)
-        log.info("LoRA adapter '%s' loaded from %s: rank %d on %s (%.1f MiB)", spec.name,
-                 spec.describe(), adapter.rank, ", ".join(adapter.target_modules),
-                 adapter.nbytes / 2**20)
-        return info
+        return self.adapters.load(adapter, replace)
 
     def unload_lora(self, name: str) -> None:
-        dropped = self.loras.remove(name)
-        if dropped is not None:
-            self.runner.drop_lora(dropped)
-        log.info("LoRA adapter '%s' unloaded", name)
+        self.adapters.unload(name)
 
     def lora_adapters(self) -> tuple[LoraAdapterInfo, ...]:
-        return self.loras.infos()
-
-    def _load_start_adapters(self, specs: tuple[LoraSpec, ...]) -> None:
-        """The --lora-modules adapters; the first bad one raises LoraError (no server)."""
-        start = time.monotonic()
-        for spec in specs:
-            self.load_lora(self.read_adapter(spec))
-        slots = self.runner.lora_slots
-        assert slots is not None
-        timed_stage(log, "lora", start, f"{len(specs)} adapters loaded; {slots.max_loras} "
-                    f"device slots of rank {self.model_info.max_lora_rank} "
-                    f"({slots.device_bytes / 2**30:.2f} GiB)")
+        return self.adapters.infos()
 
     # ---- requests ----------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids: Seq[int],
                     params: SamplingParams, extra_hash_key: str | None = None,
-                    lora: str | None = None) -> None:
+                    arrival_time: float | None = None, lora: str | None = None) -> None:
         """Queue a request, with the base model or the adapter named ``lora``.
         ``extra_hash_key`` names whatever else besides the tokens changes its K/V; requests
         share cached KV blocks only when their keys (the adapter's included) match."""
         if request_id in self._states:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate_prompt(prompt_token_ids)
-        handle = None if lora is None else self.loras.acquire(lora)
+        handle = None if lora is None else self.adapters.acquire(lora)
         if handle is not None:
             extra_hash_key = handle.hash_key if extra_hash_key is None \
                 else f"{handle.hash_key}|{extra_hash_key}"
         seq = Sequence(next(self._seq_ids), request_id, list(prompt_token_ids), params,
                        extra_hash_key=extra_hash_key, lora=handle)
-        state = self.outputs.new_state(seq)
+        if arrival_time is not None:
+            seq.arrival_time = arrival_time
+        self._states[request_id] = CoreRequest(
+            seq, [None] if params.prompt_logprobs is not None else None)
         if self.faults.active:
-            state.faults = self.faults.kinds_for(self.tokenizer.decode(prompt_token_ids))
-        self._states[request_id] = state
-        if params.constraint is None:
-            self.scheduler.add(seq)
-            return
-        state.grammar = self.structured.add(seq)
-        if state.grammar is not None:  # compiled before (cached)
+            self._states[request_id].faults = self.faults.kinds_for(
+                self.tokenizer.decode(prompt_token_ids))
+        # A constrained request waits outside the scheduler until its grammar is compiled.
+        if params.constraint is None or self.structured.add(seq) is not None:
             self.scheduler.add(seq)
 
     def take_refused(self) -> list[tuple[str, GrammarError]]:
@@ -262,15 +247,15 @@ class LLMEngine:
         refused, self._refused = self._refused, []
         return refused
 
-    def abort_request(self, request_id: str) -> GenerationDelta | None:
-        """End a request now; returns its final ABORT delta, or None if it is not running."""
-        state = self._states.get(request_id)
-        if state is None:
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """End a request now; returns its final ABORT output, or None if it is not running."""
+        request = self._states.get(request_id)
+        if request is None:
             return None
-        return self._finish(state, FinishReason.ABORT)
+        return self._end(request, CoreFinish.ABORT)
 
-    def abort_all(self, reason: FinishReason, error: str | None = None) -> list[GenerationDelta]:
-        return [self._finish(state, reason, error) for state in list(self._states.values())]
+    def abort_all(self, finish: CoreFinish, error: str | None = None) -> list[RequestOutput]:
+        return [self._end(r, finish, error) for r in list(self._states.values())]
 
     def reset_prefix_cache(self, enable: bool | None = None) -> None:
         """Forget every cached block and, if ``enable`` is given, turn prefix caching on or
@@ -282,45 +267,161 @@ class LLMEngine:
         self.scheduler.block_manager = BlockManager(
             old.num_blocks, old.block_size, old.enable_caching if enable is None else enable)
 
-    def step(self) -> list[GenerationDelta]:
+    def reset_counters(self) -> None:
+        """Zero every counter (after the warm-up, so metrics count real traffic only)."""
+        self.counters = EngineCounters()
+        self.scheduler.num_preemptions_total = 0
+        self.scheduler.prefix_cache_stats = PrefixCacheStats()
+
+    def stats(self, loop_alive: bool = True, num_queued: int = 0) -> EngineStats:
+        """``num_queued``: requests on their way in, counted as waiting."""
+        sched, blocks = self.scheduler, self.scheduler.block_manager
+        return EngineStats(
+            num_running=len(sched.running), num_waiting=(len(sched.waiting) + self.structured.num_compiling
+                                                     + num_queued),
+            num_kv_blocks_total=blocks.num_blocks, num_kv_blocks_free=blocks.num_free_blocks,
+            num_kv_blocks_cached=blocks.num_cached_blocks,
+            num_preemptions_total=sched.num_preemptions_total,
+            num_prompt_tokens_total=self.counters.num_prompt_tokens,
+            num_generation_tokens_total=self.counters.num_generation_tokens,
+            num_steps_total=self.counters.num_steps,
+            num_prefix_cache_queries_total=sched.prefix_cache_stats.queries,
+            num_prefix_cache_hits_total=sched.prefix_cache_stats.hits,
+            loop_alive=loop_alive,
+            running_lora_adapters=tuple(sorted({s.lora.name for s in sched.running
+                                                if s.lora is not None})),
+            waiting_lora_adapters=tuple(sorted({s.lora.name for s in sched.waiting
+                                                if s.lora is not None})))
+
+    # ---- the step ------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule and launch a step, and deliver the tokens of the step before it (of this
+        one, without overlap). Returns one output per request that got tokens or ended."""
         if self.structured.has_compiling:
             self._admit_compiled()
+        outputs: list[RequestOutput] = []
         out = self.scheduler.schedule()
-        if out.is_empty:
-            return []
-        try:
-            self._inject_step_faults(out)
-            result = self.runner.run(out, self.structured.for_step(out))
-        except Exception as exc:
-            return self._fail_step(out, exc)
-        self.counters.num_consecutive_failed_steps = 0
+        previous, self._inflight = self._inflight, None
+
+        def side_inputs() -> StepGrammars | None:
+            # Called once the step's forward pass is queued, before it samples. A grammar's
+            # mask needs its sequence's previous token: when one is still pending, the step
+            # before is delivered first (its tokens advance the matchers), while the device
+            # runs this step's forward pass.
+            nonlocal previous
+            if previous is not None and self._grammar_waits(out):
+                outputs.extend(self._deliver(previous))
+                previous = None
+            return self.structured.for_step(out)
+
+        launched: StepHandle | None = None
+        failure: Exception | None = None
+        if not out.is_empty:
+            try:
+                self._inject_step_faults(out)
+                launched = self.runner.launch(out, side_inputs)
+            except Exception as exc:  # noqa: BLE001 - the step's requests end with an error
+                failure = exc
+            else:
+                self.counters.num_consecutive_failed_steps = 0
+                self._on_launched(out)
+        self._inflight = launched
+        if previous is not None:
+            outputs += self._deliver(previous)
+        if failure is not None:
+            outputs += self._fail(out, failure)
+        if self._inflight is not None and not self.overlap:
+            handle, self._inflight = self._inflight, None
+            outputs += self._deliver(handle)
+        return outputs
+
+    def shutdown(self) -> None:
+        """Stop the grammar compiler's workers (after the last request ended)."""
+        self.structured.shutdown()
+
+    def _grammar_waits(self, out: SchedulerOutput) -> bool:
+        """Whether a constrained sequence sampling in ``out`` has its last token pending."""
+        return any(s.samples and s.seq.num_pending_tokens
+                   and self.structured.grammar(s.seq.seq_id) is not None
+                   for s in out.scheduled)
+
+    def _on_launched(self, out: SchedulerOutput) -> None:
         self.counters.num_prompt_tokens_computed += sum(s.num_new_prompt_tokens
                                                         for s in out.scheduled)
-        self.scheduler.on_step_done(out)
-        return self._postprocess(out, result)
+        live = SchedulerOutput(tuple(s for s in out.scheduled if not s.seq.is_finished),
+                               out.preempted)
+        self.scheduler.on_step_launched(live)
+        for s in live.scheduled:
+            if s.samples:
+                s.seq.num_pending_tokens += 1
+
+    def _deliver(self, handle: StepHandle) -> list[RequestOutput]:
+        """Wait for a launched step's results and turn them into outputs."""
+        try:
+            result = handle.resolve()
+        except Exception as exc:  # noqa: BLE001 - a fault surfacing at the wait
+            return self._fail(handle.out, exc)
+        self.counters.num_steps += 1
+        live = [(s.seq, sampled) for s, sampled in zip(handle.out.scheduled, result.sampled,
+                                                       strict=True)
+                if not s.seq.is_finished]  # one that ended while this step ran: tokens void
+        grammar_ok = self._advance_grammars(live)
+        outputs: list[RequestOutput] = []
+        for seq, sampled in live:
+            request = self._states[seq.request_id]
+            if request.prompt_logprobs is not None and seq.seq_id in result.prompt_logprobs:
+                request.add_prompt_logprobs(result.prompt_logprobs[seq.seq_id])
+            if sampled is not None:
+                outputs.append(self._accept(request, sampled, grammar_ok.get(seq.seq_id)))
+        return outputs
+
+    def _advance_grammars(self, live: list[tuple[Sequence, SampledTokens | None]]
+                          ) -> dict[int, bool]:
+        """Advance every constrained sequence's matcher by its new token, all at once in the
+        grammar engine's threads; seq_id -> whether the grammar took it."""
+        if self.structured.grammar_count == 0:
+            return {}
+        return self.structured.advance([(seq.seq_id, sampled.token_ids[0])
+                                        for seq, sampled in live if sampled is not None])
+
+    def _accept(self, request: CoreRequest, sampled: SampledTokens,
+                grammar_ok: bool | None = None) -> RequestOutput:
+        """A step's tokens for one request, through the stop rules, as its output."""
+        seq = request.seq
+        if not seq.output_token_ids:
+            # Counted once, when the prefill completes (not again after a preemption).
+            self.counters.num_prompt_tokens += seq.num_prompt_tokens
+        accepted = request.accept(sampled.token_ids, self.eos_token_id, self.max_model_len,
+                                  self.structured.grammar(seq.seq_id), grammar_ok)
+        self.counters.num_generation_tokens += len(accepted.token_ids)
+        self.scheduler.block_manager.cache_full_blocks(seq)
+        logprobs = (None if sampled.logprobs is None
+                    else list(sampled.logprobs[:len(accepted.token_ids)]))
+        output = request.output(accepted.token_ids, logprobs, accepted.finish, accepted.error)
+        if accepted.finish is not None:
+            self._release(request)
+        return output
 
     def _admit_compiled(self) -> None:
         """Schedule the requests whose grammar is ready; refuse those whose compile failed.
         With nothing else to run, wait a moment for a compile rather than spin."""
-        idle = not self.scheduler.has_work
+        idle = not self.scheduler.has_work and self._inflight is None
         admitted = self.structured.poll(_COMPILE_POLL_S if idle else 0.0)
         for seq in admitted.ready:
-            self._states[seq.request_id].grammar = self.structured.grammar(seq.seq_id)
             self.scheduler.add(seq)
         for seq, error in admitted.refused:
             self._refused.append((seq.request_id, error))
             self._release(self._states[seq.request_id])
 
-    def _fail_step(self, out: SchedulerOutput, exc: Exception) -> list[GenerationDelta]:
-        """A model run that raised ends the requests it was running, and only those: their KV
-        may be half-written, while waiting requests and running ones left out of the step hold
-        nothing it touched. The step is not counted as done, so their blocks are freed as they
-        are."""
+    def _fail(self, out: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
+        """A step that raised ends the requests it ran, and only those: their KV may be
+        half-written, while the others hold nothing it touched."""
         self.counters.num_consecutive_failed_steps += 1
-        ids = [s.seq.request_id for s in out.scheduled]
+        ids = [s.seq.request_id for s in out.scheduled if not s.seq.is_finished]
         log.error("engine step failed; ending its %d requests (%s): %r", len(ids),
                   ", ".join(ids), exc, exc_info=exc)
-        return [self._finish(self._states[i], FinishReason.ERROR, f"engine step failed: {exc!r}")
+        return [self._end(self._states[i], CoreFinish.ERROR, f"engine step failed: {exc!r}")
                 for i in ids if i in self._states]
 
     def _inject_step_faults(self, out: SchedulerOutput) -> None:
@@ -333,57 +434,21 @@ class LLMEngine:
             if FaultKind.STEP_ERROR in kinds:
                 raise InjectedFault("injected model step fault")
 
-    def _postprocess(self, out: SchedulerOutput, result: StepResult) -> list[GenerationDelta]:
-        self.counters.num_steps += 1
-        deltas: list[GenerationDelta] = []
-        accepted = self._advance_grammars(out, result)
-        for s, sampled in zip(out.scheduled, result.sampled, strict=True):
-            state = self._states[s.seq.request_id]
-            if s.seq.seq_id in result.prompt_logprobs:
-                self.outputs.add_prompt_logprobs(state, result.prompt_logprobs[s.seq.seq_id])
-            if sampled is None:
-                continue
-            self.counters.num_generation_tokens += 1
-            if s.seq.num_output_tokens == 0:
-                # Counted once, when the prefill completes (not again after a preemption).
-                self.counters.num_prompt_tokens += s.seq.num_prompt_tokens
-            try:
-                delta = self.outputs.on_token(state, sampled, accepted.get(s.seq.seq_id))
-            except Exception as exc:
-                # Detokenising or a stop rule failed for this request: it alone ends.
-                log.error("output processing failed for request %s: %r", state.seq.request_id,
-                          exc, exc_info=exc)
-                deltas.append(self._finish(state, FinishReason.ERROR,
-                                           f"output processing failed: {exc!r}"))
-                continue
-            if delta.finished:
-                self._release(state)
-            deltas.append(delta)
-        return deltas
+    def _end(self, request: CoreRequest, finish: CoreFinish,
+             error: str | None = None) -> RequestOutput:
+        """End a request from outside its tokens (abort, shutdown, fault)."""
+        output = request.output([], [] if request.seq.params.logprobs is not None else None,
+                                finish, error)
+        self._release(request)
+        return output
 
-    def _advance_grammars(self, out: SchedulerOutput, result: StepResult) -> dict[int, bool]:
-        """Advance every constrained sequence's matcher by its new token, all at once in the
-        grammar engine's threads; seq_id -> whether the grammar took it."""
-        if self.structured.grammar_count == 0:
-            return {}
-        pairs = [(s.seq.seq_id, sampled.token_id)
-                 for s, sampled in zip(out.scheduled, result.sampled, strict=True)
-                 if sampled is not None]
-        return self.structured.advance(pairs)
-
-    def _finish(self, state: RequestState, reason: FinishReason,
-                error: str | None = None) -> GenerationDelta:
-        delta = self.outputs.on_finish(state, reason, error)
-        self._release(state)
-        return delta
-
-    def _release(self, state: RequestState) -> None:
-        seq = state.seq
+    def _release(self, request: CoreRequest) -> None:
+        seq = request.seq
         self.scheduler.finish(seq)
         self.runner.release(seq.seq_id)
         self.structured.release(seq.seq_id)
-        if seq.lora is not None and self.loras.release(seq.lora):
-            self.runner.drop_lora(seq.lora.id)  # unloaded earlier; this was its last user
+        if seq.lora is not None:
+            self.adapters.release(seq.lora)
         del self._states[seq.request_id]
 
 

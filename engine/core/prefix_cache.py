@@ -51,7 +51,7 @@ def extend_block_hashes(seq: Sequence, block_size: int, num_blocks: int) -> None
     """Make ``seq.block_hashes`` cover its first ``num_blocks`` blocks of tokens (each must be
     full). Hashes already there are kept: a sequence's tokens never change under them."""
     hashes = seq.block_hashes
-    assert num_blocks * block_size <= seq.num_tokens, "only full blocks have a hash"
+    assert num_blocks * block_size <= seq.num_known_tokens, "only full, known blocks have a hash"
     parent = hashes[-1] if hashes else ROOT_HASH
     for i in range(len(hashes), num_blocks):
         parent = hash_block(parent, seq.token_ids(i * block_size, (i + 1) * block_size),

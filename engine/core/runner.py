@@ -1,9 +1,15 @@
-"""Runs one scheduled step: builds the batch, runs the model, samples. Makes no policy."""
+"""Runs one scheduled step: builds the batch, runs the model, samples. Makes no policy.
+
+``launch`` queues a step on the device and returns a handle at once; the step's sampled ids
+stay on the device, where the next launch reads them as its input ids. ``StepHandle.resolve``
+waits for the results (one wait a step). On the CPU the work is done inside ``launch``.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,26 +22,81 @@ from engine.model.llama import KVCache, LlamaModel
 from engine.model.lora.slots import LoraSlots
 from engine.outputs import TokenLogprob
 from engine.progress import timed_stage
-from engine.sampling.sampler import Sampler, SamplingRow
+from engine.sampling.sampler import DeviceSample, Sampler, SamplingRow
 from engine.structured.matchers import StepGrammars
+from engine.transfer import HostFetch, to_device
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class SampledToken:
-    token_id: int
-    logprob: TokenLogprob | None
+class SampledTokens:
+    """What one step accepted for one sequence: its new tokens in order (one today; a step
+    that verifies draft tokens may accept several) and, when asked, their logprobs."""
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] | None
 
 
 @dataclass(frozen=True)
 class StepResult:
-    # One entry per SchedulerOutput.scheduled, in order: the new token, or None for a
+    # One entry per SchedulerOutput.scheduled, in order: the new tokens, or None for a
     # prefill chunk that did not reach the end of the sequence.
-    sampled: tuple[SampledToken | None, ...]
+    sampled: tuple[SampledTokens | None, ...]
     # seq_id -> logprobs of the prompt tokens predicted in this step's chunk, in order
     # (entry k is for prompt token start + k + 1).
     prompt_logprobs: dict[int, list[TokenLogprob]]
+
+
+@dataclass(frozen=True)
+class _PromptLogprobs:
+    """One sequence's prompt logprobs of a step, still on the device."""
+
+    seq_id: int
+    targets: list[int]  # the prompt tokens predicted, in order
+    k: int
+
+
+class StepHandle:
+    """A launched step. Its results are on their way to the host (one HostFetch); ``resolve``
+    waits for them, the step's only wait for the device."""
+
+    def __init__(self, out: SchedulerOutput, sampling_seq_indices: list[int],
+                 sample: DeviceSample | None, prompt: list[_PromptLogprobs],
+                 prompt_tensors: list[torch.Tensor]) -> None:
+        self.out = out
+        self._indices = sampling_seq_indices
+        self._sample = sample
+        self._prompt = prompt
+        self._num_sample_tensors = len(sample.tensors()) if sample is not None else 0
+        self._fetch = HostFetch((sample.tensors() if sample is not None else [])
+                                + prompt_tensors)
+
+    def resolve(self) -> StepResult:
+        host = self._fetch.wait()
+        sampled: list[SampledTokens | None] = [None] * len(self.out.scheduled)
+        if self._sample is not None:
+            result = self._sample.resolve(host[:self._num_sample_tensors])
+            for i, token_id, logprob in zip(self._indices, result.token_ids, result.logprobs,
+                                            strict=True):
+                sampled[i] = SampledTokens((token_id,), None if logprob is None else (logprob,))
+        prompt_logprobs: dict[int, list[TokenLogprob]] = {}
+        rest = host[self._num_sample_tensors:]
+        for j, p in enumerate(self._prompt):
+            chosen, top_values, top_ids = (t.tolist() for t in rest[3 * j:3 * j + 3])
+            prompt_logprobs[p.seq_id] = [
+                TokenLogprob(int(t), float(c), tuple(zip(ids, vals, strict=True)))
+                for t, c, ids, vals in zip(p.targets, chosen, top_ids, top_values, strict=True)]
+        return StepResult(tuple(sampled), prompt_logprobs)
+
+
+@dataclass(frozen=True)
+class _Previous:
+    """The last launched step's sampled ids, still on the device: the next step's input for
+    every sequence it sampled."""
+
+    token_ids: torch.Tensor  # [S] int64
+    rows: dict[int, int]  # seq_id -> row of token_ids
 
 
 def kv_bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
@@ -79,6 +140,7 @@ class ModelRunner:
         self.vocab_size = vocab_size
         # Per-request generators for seeded sampling, keyed by seq_id; released on finish.
         self._generators: dict[int, torch.Generator] = {}
+        self._previous: _Previous | None = None
 
     def add_lora(self, adapter_id: int, adapter: LoraAdapter) -> None:
         assert self.lora_slots is not None, "LoRA is off"
@@ -88,47 +150,69 @@ class ModelRunner:
         if self.lora_slots is not None:
             self.lora_slots.remove(adapter_id)
 
-    def step_inputs(self, out: SchedulerOutput) -> StepInputs:
+    def step_inputs(self, out: SchedulerOutput,
+                    previous_rows: dict[int, int] | None = None) -> StepInputs:
         """The step's tensors, its adapters made resident first (each row's slot)."""
         lora = self.model.lora
         if self.lora_slots is None or lora is None:
-            return build_step_inputs(out, self.block_size, self.model.device)
+            return build_step_inputs(out, self.block_size, self.model.device, previous_rows)
         placed = self.lora_slots.prepare(s.seq.lora.id for s in out.scheduled
-                                   if s.seq.lora is not None)
+                                         if s.seq.lora is not None)
         slots = [-1 if s.seq.lora is None else placed[s.seq.lora.id] for s in out.scheduled]
-        return build_step_inputs(out, self.block_size, self.model.device, slots,
-                                 lora.max_loras, lora.kernels.reads_groups)
+        return build_step_inputs(out, self.block_size, self.model.device, previous_rows,
+                                 slots, lora.max_loras, lora.kernels.reads_groups)
 
-    def run(self, out: SchedulerOutput, grammars: StepGrammars | None = None) -> StepResult:
-        """``grammars``: the constrained sequences' matchers (a per-row side input of the step,
-        None when no sampling sequence has one). Their masks are computed on the host after
-        the forward pass is queued, so on a GPU they overlap it."""
-        inputs = self.step_inputs(out)
+    def launch(self, out: SchedulerOutput,
+               side_inputs: Callable[[], StepGrammars | None] | None = None) -> StepHandle:
+        """Queue one step on the device and return at once (on the CPU the work is done by
+        then). A sequence whose last token the previous launch sampled reads it on the
+        device: the caller must resolve every older step before launching this one.
+
+        ``side_inputs`` is called once the forward pass is queued, before sampling: it returns
+        the constrained sequences' matchers (a per-row side input of the step; None when no
+        sampling sequence has one), whose masks are then computed on the host while the device
+        runs the forward pass."""
+        previous = self._previous
+        inputs = self.step_inputs(out, previous.rows if previous is not None else None)
+        prev_ids = previous.token_ids if previous is not None else None
+        inputs.feed_pending(prev_ids)
         if self._use_graph(out, inputs):
             assert self.graphs is not None
             # One row per sequence: the graph's logits are already per sequence.
             step_logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta,
                                           inputs.lora)
-            prompt_logprobs: dict[int, list[TokenLogprob]] = {}
+            prompt: list[_PromptLogprobs] = []
+            prompt_tensors: list[torch.Tensor] = []
         else:
             hidden = self.model.forward(inputs.input_ids, inputs.positions, self.kv_caches,
                                         inputs.meta, inputs.lora)  # [T, hidden]
-            prompt_logprobs = self._prompt_logprobs(out, inputs, hidden)
+            prompt, prompt_tensors = self._prompt_logprobs(out, inputs, hidden)
             step_logits = None
-        sampled: list[SampledToken | None] = [None] * len(out.scheduled)
+        sample = None
+        self._previous = None
         if inputs.sampling_seq_indices:
             if step_logits is not None:
                 logits = step_logits[inputs.logits_indices]  # [S, V]
             else:
                 logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [S, V]
-            rows = [self._sampling_row(out.scheduled[i]) for i in inputs.sampling_seq_indices]
+            # The side inputs first: building them may deliver the step before (making its
+            # tokens known), and the rows must see each sequence as it is after that.
+            grammars = side_inputs() if side_inputs is not None else None
+            rows = [self._sampling_row(out.scheduled[i], previous)
+                    for i in inputs.sampling_seq_indices]
             masks = (None if grammars is None
                      else grammars.masks_for(inputs.sampling_seq_indices))
-            result = self.sampler(logits, rows, masks)
-            for i, token_id, logprob in zip(inputs.sampling_seq_indices, result.token_ids,
-                                            result.logprobs, strict=True):
-                sampled[i] = SampledToken(token_id, logprob)
-        return StepResult(tuple(sampled), prompt_logprobs)
+            sample = self.sampler.sample(logits, rows, prev_ids, masks)
+            self._previous = _Previous(sample.token_ids, {
+                out.scheduled[i].seq.seq_id: row
+                for row, i in enumerate(inputs.sampling_seq_indices)})
+        elif side_inputs is not None:
+            side_inputs()
+        return StepHandle(out, inputs.sampling_seq_indices, sample, prompt, prompt_tensors)
+
+    def run(self, out: SchedulerOutput, grammars: StepGrammars | None = None) -> StepResult:
+        """Launch a step and wait for it (no step may be pending)."""
+        return self.launch(out, lambda: grammars).resolve()
 
     def _use_graph(self, out: SchedulerOutput, inputs: StepInputs) -> bool:
         """Decode-only steps that fit a captured batch size, unless a row (a one-token prefill
@@ -140,17 +224,22 @@ class ModelRunner:
         if inputs.lora is not None and not self.graphs.captures_lora:
             return False
         return not any(s.seq.params.prompt_logprobs is not None
-                       and s.seq.num_computed_tokens < s.seq.num_prompt_tokens - 1
-                       for s in out.scheduled)
+                       and s.start < s.seq.num_prompt_tokens - 1 for s in out.scheduled)
 
     def release(self, seq_id: int) -> None:
         self._generators.pop(seq_id, None)
 
-    def _sampling_row(self, s: ScheduledSeq) -> SamplingRow:
+    def _sampling_row(self, s: ScheduledSeq, previous: _Previous | None) -> SamplingRow:
         seq = s.seq
+        pending_src = None
+        if seq.num_pending_tokens:
+            assert seq.num_pending_tokens == 1 and previous is not None
+            pending_src = previous.rows[seq.seq_id]
         params = seq.params
         generator = None
-        if params.seed is not None:
+        # A sequence that ended while this step was built samples a token that is dropped:
+        # it gets no generator of its own (one would outlive its release).
+        if params.seed is not None and not seq.is_finished:
             generator = self._generators.get(seq.seq_id)
             if generator is None:
                 generator = torch.Generator(device=self.model.device)
@@ -161,31 +250,30 @@ class ModelRunner:
             suppress = (self.eos_token_id, *params.stop_token_ids)
         return SamplingRow(params=params, prompt_token_ids=seq.prompt_token_ids,
                            output_token_ids=seq.output_token_ids, generator=generator,
-                           suppress_token_ids=suppress)
+                           suppress_token_ids=suppress, pending_src=pending_src)
 
-    def _prompt_logprobs(self, out: SchedulerOutput, inputs: StepInputs,
-                         hidden: torch.Tensor) -> dict[int, list[TokenLogprob]]:
-        """Logprobs of prompt tokens for sequences that asked (echo with logprobs)."""
-        result: dict[int, list[TokenLogprob]] = {}
+    def _prompt_logprobs(self, out: SchedulerOutput, inputs: StepInputs, hidden: torch.Tensor
+                         ) -> tuple[list[_PromptLogprobs], list[torch.Tensor]]:
+        """Logprobs of prompt tokens for sequences that asked (echo with logprobs), left on
+        the device: per sequence its chosen logprobs [n], top values and ids [n, k]."""
+        specs: list[_PromptLogprobs] = []
+        tensors: list[torch.Tensor] = []
         for i, s in enumerate(out.scheduled):
             seq = s.seq
             k = seq.params.prompt_logprobs
-            start = seq.num_computed_tokens
+            start = s.start
             # Row p predicts token p + 1; only prompt tokens are of interest.
             end = min(start + s.num_new_tokens, seq.num_prompt_tokens - 1)
             if k is None or start >= end:
                 continue
             row0 = inputs.meta.query_start_loc_cpu[i]
             logits = self.model.compute_logits(hidden[row0:row0 + end - start])
-            logprobs = torch.log_softmax(logits[:, :self.vocab_size], dim=-1)  # [n, V]
-            targets = torch.tensor(seq.prompt_token_ids[start + 1:end + 1],
-                                   device=logprobs.device)
-            chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+            logprobs = torch.log_softmax(logits[:, :self.vocab_size].float(), dim=-1)  # [n, V]
+            targets = seq.prompt_token_ids[start + 1:end + 1]
+            target_ids = to_device(torch.tensor(targets), logprobs.device).unsqueeze(1)  # [n, 1]
+            chosen = logprobs.gather(1, target_ids).squeeze(1)  # [n]
             top_vals, top_ids = (logprobs.topk(k, dim=-1) if k > 0
-                                 else (logprobs[:, :0], logprobs[:, :0].long()))
-            top_vals_l, top_ids_l = top_vals.tolist(), top_ids.tolist()
-            result[seq.seq_id] = [
-                TokenLogprob(int(t), float(c), tuple(zip(ids, vals, strict=True)))
-                for t, c, ids, vals in zip(targets.tolist(), chosen, top_ids_l, top_vals_l,
-                                           strict=True)]
-        return result
+                                 else (logprobs[:, :0], logprobs[:, :0].long()))  # [n, k]
+            specs.append(_PromptLogprobs(seq.seq_id, targets, k))
+            tensors += [chosen, top_vals, top_ids]
+        return specs, tensors

@@ -15,19 +15,27 @@ prompt for a prefilling one (chunked when the step's token budget runs short). P
 3. An admitted sequence first takes the longest run of its leading full blocks that the prefix
    cache holds (references on them, no compute) and is scheduled for the rest only. Requests
    that want prompt logprobs take no hits: every prompt position's logits must be computed.
-   Blocks join the cache once they are full of computed tokens (after the step that filled
-   them), so a prefix computed in this step is shared from the next one on.
+   Blocks join the cache once they are full of computed tokens whose ids are known (after the
+   step that filled them), so a prefix computed in this step is shared from the next one on.
 4. With LoRA, the running sequences use at most ``max_loras`` distinct adapters (the device
    holds that many): a waiting sequence whose adapter would be one too many is not admitted,
    and admission stops there (no overtaking) until a running adapter's last sequence ends.
    Every step's adapters are a subset of the running ones, so no step needs more.
+
+The engine schedules step n + 1 while step n still runs on the device (engine/core/
+llm_engine.py), so a running sequence may hold a token that is sampled but not yet known
+(``Sequence.num_pending_tokens``). The scheduler plans as if it were known: the device feeds
+it to the next step. Two consequences: a running sequence whose pending tokens already reach
+``max_tokens`` or ``max_model_len`` is not scheduled again (it ends when they arrive), and a
+waiting sequence (preempted while a token was pending) is admitted only once none is, because
+its recompute needs every token id on the host.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.core.block_manager import BlockManager
 from engine.core.prefix_cache import PrefixCacheStats
@@ -45,20 +53,26 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ScheduledSeq:
-    seq: Sequence
-    # Compute tokens [seq.num_computed_tokens, + num_new_tokens) this step.
-    num_new_tokens: int
+    """One sequence's share of a step, fixed when it is scheduled (the sequence itself moves
+    on when the step is launched, before its results are known)."""
 
-    @property
-    def samples(self) -> bool:
-        """Whether this step yields logits for a new token of the sequence."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+    seq: Sequence
+    # Compute tokens [start, start + num_new_tokens) this step.
+    num_new_tokens: int
+    start: int = field(init=False)
+    # Whether this step yields logits for a new token of the sequence.
+    samples: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        start = self.seq.num_computed_tokens
+        object.__setattr__(self, "start", start)
+        object.__setattr__(self, "samples", start + self.num_new_tokens == self.seq.num_tokens)
 
     @property
     def num_new_prompt_tokens(self) -> int:
-        """How many of this step's new tokens are prompt tokens (read before on_step_done)."""
-        start = self.seq.num_computed_tokens
-        return max(0, min(start + self.num_new_tokens, self.seq.num_prompt_tokens) - start)
+        """How many of this step's new tokens are prompt tokens."""
+        return max(0, min(self.start + self.num_new_tokens, self.seq.num_prompt_tokens)
+                   - self.start)
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if self._done_pending(seq):
+                i += 1
+                continue
             num_new = min(seq.num_uncomputed_tokens, budget)
             if not self._make_room(seq, num_new, preempted):
                 break  # seq itself was the youngest and got preempted
@@ -114,6 +131,8 @@ class Scheduler:
         while self.waiting and budget > 0 and not preempted \
                 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_pending_tokens:
+                break  # its tokens arrive with the step in flight; admitted after that
             if not self._adapter_fits(seq, adapters):
                 break
             num_new = self._admit(seq, budget)
@@ -131,6 +150,11 @@ class Scheduler:
         limit = self.config.max_loras
         return (seq.lora is None or limit is None or seq.lora.id in adapters
                 or len(adapters) < limit)
+    def _done_pending(self, seq: Sequence) -> bool:
+        """Whether ``seq``'s pending tokens already end it by length: nothing more to run."""
+        return seq.num_pending_tokens > 0 and (
+            seq.num_output_tokens >= seq.params.max_tokens
+            or seq.num_tokens >= self.config.max_model_len)
 
     def _admit(self, seq: Sequence, budget: int) -> int | None:
         """Give a waiting sequence its blocks (cached prefix first) and start it running.
@@ -178,9 +202,10 @@ class Scheduler:
         # Back to the head of the queue: it is older than everything waiting behind it.
         self.waiting.appendleft(seq)
 
-    def on_step_done(self, output: SchedulerOutput) -> None:
-        """Advance each scheduled sequence's computed-token count after the model ran, and offer
-        the blocks this filled to the prefix cache."""
+    def on_step_launched(self, output: SchedulerOutput) -> None:
+        """Advance each scheduled sequence once its step is queued on the device (the next step
+        is planned from there), and offer the blocks it fills to the prefix cache. Later steps
+        read those blocks after this one wrote them: the device runs steps in order."""
         for s in output.scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
             self.block_manager.cache_full_blocks(s.seq)

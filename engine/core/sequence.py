@@ -32,8 +32,13 @@ class Sequence:
       block is never written again. ``block_hashes[i]`` is the content hash of token block
       ``i`` (see engine/core/prefix_cache.py), computed lazily and kept across preemptions.
     - A step samples a new token for a sequence only when it computes the sequence's last
-      known token (the final chunk of a prefill, or a decode step); earlier prefill chunks
-      only fill the cache.
+      token (the final chunk of a prefill, or a decode step); earlier prefill chunks only fill
+      the cache.
+    - Tokens sampled by a step still running on the device are counted, but not yet known:
+      ``num_pending_tokens`` of them follow ``output_token_ids`` (the engine overlaps the next
+      step with the device, see engine/core/llm_engine.py). The next step reads them on the
+      device; ``token_ids`` serves known tokens only, and a block is hashed only once every
+      token in it is known. A waiting sequence is admitted only with none pending.
     """
 
     seq_id: int
@@ -48,7 +53,10 @@ class Sequence:
     # sequence's extra_hash_key.
     lora: LoraHandle | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    # Sampled tokens the host knows, in order.
     output_token_ids: list[int] = field(default_factory=list)
+    # Sampled tokens still on the device (they follow output_token_ids).
+    num_pending_tokens: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -65,10 +73,17 @@ class Sequence:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.output_token_ids)
+        """Sampled tokens, pending ones included."""
+        return len(self.output_token_ids) + self.num_pending_tokens
 
     @property
     def num_tokens(self) -> int:
+        """Prompt and sampled tokens, pending ones included."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Prompt and sampled tokens whose ids the host has."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
@@ -80,7 +95,9 @@ class Sequence:
         return self.status >= SequenceStatus.FINISHED
 
     def token_ids(self, start: int, end: int) -> list[int]:
-        """Tokens [start, end) of prompt + output, without building the concatenation."""
+        """Tokens [start, end) of prompt + output, without building the concatenation; all of
+        them must be known."""
+        assert end <= self.num_known_tokens, "pending tokens are only on the device"
         n_prompt = len(self.prompt_token_ids)
         if end <= n_prompt:
             return self.prompt_token_ids[start:end]
@@ -89,4 +106,12 @@ class Sequence:
         return self.prompt_token_ids[start:] + self.output_token_ids[:end - n_prompt]
 
     def append_token(self, token_id: int) -> None:
+        """A sampled token the host knows at once (nothing pending)."""
+        assert self.num_pending_tokens == 0, "a pending token comes first"
+        self.output_token_ids.append(token_id)
+
+    def resolve_pending(self, token_id: int) -> None:
+        """The oldest pending token's id has reached the host."""
+        assert self.num_pending_tokens > 0, "no token is pending"
+        self.num_pending_tokens -= 1
         self.output_token_ids.append(token_id)

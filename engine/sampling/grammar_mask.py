@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.transfer import to_device
+
 
 @dataclass(frozen=True)
 class GrammarMasks:
@@ -39,14 +41,13 @@ def upload_grammar_masks(masks: GrammarMasks, num_rows: int, vocab: int, device:
                          rows: torch.Tensor | None) -> DeviceGrammarMask:
     """Fill the host bitmask (the callback runs the grammar engine) and send it to ``device``.
     ``rows``: the constrained rows already on the device, or None when they are all rows."""
-    pinned = device.type == "cuda"
-    # Pinned host memory comes from torch's caching host allocator, so this is no cudaHostAlloc
-    # per step; the upload is non-blocking, and the buffer is not reused before the step's one
-    # wait for the device (the sampled ids' copy) has passed.
+    # Pinned from the start (the grammar engine writes straight into it), so the upload
+    # helper sends it as it is: torch's caching host allocator makes this no cudaHostAlloc per
+    # step, and keeps the buffer until its non-blocking copy is done.
     host = torch.empty((len(masks.rows), bitmask_words(vocab)), dtype=torch.int32,
-                       pin_memory=pinned)
+                       pin_memory=device.type == "cuda")
     masks.fill(host)
-    bitmask = host.to(device, non_blocking=pinned)
+    bitmask = to_device(host, device)
     assert rows is not None or len(masks.rows) == num_rows
     return DeviceGrammarMask(bitmask, rows)
 

@@ -20,9 +20,9 @@ from engine.outputs import TokenLogprob
 
 @dataclass(frozen=True)
 class PendingLogprobs:
-    """Logprob tensors still on the device; ``resolve`` copies them to the host.
+    """Logprob tensors still on the device; ``resolve`` reads their host copies.
 
-    Split from the computation so the sampler queues every device op before its one wait.
+    Split from the computation so every device op of a step is queued before its one wait.
     """
 
     num_logprobs: tuple[int | None, ...]  # per row; None where the row asked for none
@@ -30,10 +30,16 @@ class PendingLogprobs:
     top_values: torch.Tensor  # [B, K] best logprobs, K = the largest k asked for
     top_ids: torch.Tensor  # [B, K]
 
-    def resolve(self, token_ids: Sequence[int]) -> list[TokenLogprob | None]:
-        chosen = self.chosen.tolist()
-        top_values = self.top_values.tolist()
-        top_ids = self.top_ids.tolist()
+    def tensors(self) -> list[torch.Tensor]:
+        """What ``resolve`` reads, to fetch to the host with the step's other results."""
+        return [self.chosen, self.top_values, self.top_ids]
+
+    def resolve(self, token_ids: Sequence[int],
+                host: Sequence[torch.Tensor]) -> list[TokenLogprob | None]:
+        """``host``: the host copies of ``tensors()``, in that order."""
+        chosen = host[0].tolist()
+        top_values = host[1].tolist()
+        top_ids = host[2].tolist()
         result: list[TokenLogprob | None] = []
         for row, k in enumerate(self.num_logprobs):
             if k is None:

@@ -1,4 +1,5 @@
-"""Per-batch sampling tensors, built on the host in one pass and uploaded in two copies.
+"""Per-batch sampling tensors, built on the host in one pass and uploaded in one copy per
+dtype (``engine.transfer.Upload``, shared with batch building).
 
 Every stage of the sampler runs on the whole batch. A row that did not ask for a stage gets the
 neutral value (temperature 1, top_k V, top_p +inf, log(min_p) -inf, repetition penalty 1,
@@ -19,6 +20,7 @@ import torch
 
 from engine.params import SamplingParams
 from engine.sampling.grammar_mask import DeviceGrammarMask, GrammarMasks, upload_grammar_masks
+from engine.transfer import Slot, Upload
 
 if TYPE_CHECKING:
     from engine.sampling.sampler import SamplingRow
@@ -51,40 +53,6 @@ class SamplingMetadata:
     grammar: DeviceGrammarMask | None = None
 
 
-class _Upload:
-    """Sections of one float32 and one int64 host buffer; ``send`` copies each buffer once and
-    hands out views of it."""
-
-    def __init__(self) -> None:
-        self._floats: list[float] = []
-        self._ints: list[torch.Tensor] = []
-        self._num_ints = 0
-
-    def floats(self, values: Sequence[float]) -> slice:
-        start = len(self._floats)
-        self._floats.extend(values)
-        return slice(start, len(self._floats))
-
-    def ints(self, values: torch.Tensor) -> slice:
-        start = self._num_ints
-        self._ints.append(values)
-        self._num_ints += values.numel()
-        return slice(start, self._num_ints)
-
-    def send(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        floats = torch.tensor(self._floats, dtype=torch.float32)
-        ints = torch.cat(self._ints) if self._ints else torch.empty(0, dtype=torch.int64)
-        return _to_device(floats, device), _to_device(ints, device)
-
-
-def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # Pinned and non-blocking: a blocking upload, or one from pageable memory, may wait for the
-    # stream, that is for the model's forward pass, before the sampler could queue anything.
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
-
-
 def _flat_token_index(token_lists: Sequence[tuple[int, Sequence[int]]],
                       vocab: int) -> torch.Tensor:
     """row * V + id for every (row, ids) pair, as a host int64 tensor; ids outside the
@@ -103,15 +71,19 @@ def _flat_token_index(token_lists: Sequence[tuple[int, Sequence[int]]],
 
 
 def build_metadata(rows: Sequence[SamplingRow], vocab: int, device: torch.device,
+                   previous: torch.Tensor | None = None,
                    grammar: GrammarMasks | None = None) -> SamplingMetadata:
+    """``previous``: the previous step's sampled ids ([S'] int64, on ``device``), which hold
+    the last output token of rows whose ``pending_src`` is set (penalties count it).
+    ``grammar``: the constrained rows' token masks, None when no row has a grammar."""
     params: list[SamplingParams] = [r.params for r in rows]
     greedy = [p.greedy for p in params]
-    up = _Upload()
-    section: dict[str, slice] = {}
+    up = Upload()
+    section: dict[str, Slot] = {}
 
     def floats_if(name: str, values: list[float], neutral: float) -> None:
         if any(v != neutral for v in values):
-            section[name] = up.floats(values)
+            section[name] = up.add(values, torch.float32)
 
     floats_if("greedy", [1.0 if g else 0.0 for g in greedy], 0.0)
     floats_if("temperature", [1.0 if p.greedy else p.temperature for p in params], 1.0)
@@ -124,58 +96,69 @@ def build_metadata(rows: Sequence[SamplingRow], vocab: int, device: torch.device
     floats_if("presence_penalty", [p.presence_penalty for p in params], 0.0)
     top_k = [vocab if p.greedy or p.top_k is None else min(p.top_k, vocab) for p in params]
     if any(k < vocab for k in top_k):
-        section["top_k"] = up.ints(torch.tensor(top_k, dtype=torch.int64))
+        section["top_k"] = up.add(top_k, torch.int64)
 
     bias = [(i * vocab + t, float(b)) for i, p in enumerate(params)
             for t, b in p.logit_bias.items() if 0 <= t < vocab and b != 0.0]
     if bias:
-        section["bias_index"] = up.ints(torch.tensor([k for k, _ in bias], dtype=torch.int64))
-        section["bias_value"] = up.floats([v for _, v in bias])
+        section["bias_index"] = up.add([k for k, _ in bias], torch.int64)
+        section["bias_value"] = up.add([v for _, v in bias], torch.float32)
     suppress = [i * vocab + t for i, r in enumerate(rows) for t in r.suppress_token_ids
                 if 0 <= t < vocab]
     if suppress:
-        section["suppress_index"] = up.ints(torch.tensor(suppress, dtype=torch.int64))
-    counted = [(i, r.output_token_ids) for i, (r, p) in enumerate(zip(rows, params, strict=True))
-               if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
-               or p.repetition_penalty != 1.0]
-    if counted:
-        section["output_index"] = up.ints(_flat_token_index(counted, vocab))
+        section["suppress_index"] = up.add(suppress, torch.int64)
+    counted_rows = [i for i, p in enumerate(params) if p.frequency_penalty != 0.0
+                    or p.presence_penalty != 0.0 or p.repetition_penalty != 1.0]
+    if counted_rows:
+        section["output_index"] = up.add(_flat_token_index(
+            [(i, rows[i].output_token_ids) for i in counted_rows], vocab), torch.int64)
+        # A counted row's last output token may still be on the device (the previous step
+        # sampled it): its index row * V + id is completed there, after the upload.
+        waiting = [i for i in counted_rows if rows[i].pending_src is not None]
+        if waiting:
+            section["pending_row"] = up.add(waiting, torch.int64)
+            section["pending_src"] = up.add([rows[i].pending_src for i in waiting], torch.int64)
     repeated = [(i, r.prompt_token_ids) for i, (r, p) in enumerate(zip(rows, params, strict=True))
                 if p.repetition_penalty != 1.0]
     if repeated:
-        section["prompt_index"] = up.ints(_flat_token_index(repeated, vocab))
+        section["prompt_index"] = up.add(_flat_token_index(repeated, vocab), torch.int64)
     if grammar is not None and len(grammar.rows) < len(rows):
-        section["grammar_rows"] = up.ints(torch.tensor(grammar.rows, dtype=torch.int64))
+        section["grammar_rows"] = up.add(list(grammar.rows), torch.int64)
 
-    floats, ints = up.send(device)
+    dev = up.send(device)
 
-    def view(name: str, buffer: torch.Tensor, column: bool = False) -> torch.Tensor | None:
-        s = section.get(name)
-        if s is None:
+    def view(name: str, column: bool = False) -> torch.Tensor | None:
+        slot = section.get(name)
+        if slot is None:
             return None
-        return buffer[s].unsqueeze(1) if column else buffer[s]
+        return dev[slot].unsqueeze(1) if column else dev[slot]
 
+    output_index = view("output_index")
+    pending_row, pending_src = view("pending_row"), view("pending_src")
+    if pending_row is not None and pending_src is not None and output_index is not None:
+        assert previous is not None, "a row counts a pending token no step sampled"
+        output_index = torch.cat([output_index, pending_row * vocab + previous[pending_src]])
     all_greedy = all(greedy)
-    mixed = view("greedy", floats) if not all_greedy else None
+    mixed = view("greedy") if not all_greedy else None
     return SamplingMetadata(
         num_rows=len(rows),
         vocab_size=vocab,
         all_greedy=all_greedy,
         greedy=None if mixed is None else mixed > 0.5,
-        temperature=view("temperature", floats, column=True),
-        top_k=view("top_k", ints, column=True),
-        top_p=view("top_p", floats, column=True),
-        log_min_p=view("log_min_p", floats, column=True),
-        repetition_penalty=view("repetition_penalty", floats, column=True),
-        frequency_penalty=view("frequency_penalty", floats, column=True),
-        presence_penalty=view("presence_penalty", floats, column=True),
-        bias_index=view("bias_index", ints),
-        bias_value=view("bias_value", floats),
-        suppress_index=view("suppress_index", ints),
-        output_index=view("output_index", ints),
-        prompt_index=view("prompt_index", ints),
+        temperature=view("temperature", column=True),
+        top_k=view("top_k", column=True),
+        top_p=view("top_p", column=True),
+        log_min_p=view("log_min_p", column=True),
+        repetition_penalty=view("repetition_penalty", column=True),
+        frequency_penalty=view("frequency_penalty", column=True),
+        presence_penalty=view("presence_penalty", column=True),
+        bias_index=view("bias_index"),
+        bias_value=view("bias_value"),
+        suppress_index=view("suppress_index"),
+        output_index=output_index,
+        prompt_index=view("prompt_index"),
         generators=tuple(None if g else r.generator for r, g in zip(rows, greedy, strict=True)),
         num_logprobs=tuple(p.logprobs for p in params),
         grammar=None if grammar is None else upload_grammar_masks(
-            grammar, len(rows), vocab, device, view("grammar_rows", ints)),
+            grammar, len(rows), vocab, device, view("grammar_rows")),
     )

@@ -9,9 +9,11 @@ One call picks the next token of every row of a step. The order follows vLLM:
 3. greedy rows take the argmax; the others are divided by their temperature, cut by top-k,
    top-p and min-p, and sampled.
 
-Logprobs come from the raw logits, after the grammar mask (see ``logprobs.py``). Per-row parameters become [B]
-tensors once per call, uploaded in two copies (``metadata.py``); nothing loops over the
-vocabulary in Python, and the only wait for the device is the final copy of the chosen ids.
+Logprobs come from the raw logits, after the grammar mask (see ``logprobs.py``). Per-row
+parameters become [B] tensors once per call, uploaded in one copy per dtype (``metadata.py``);
+nothing loops over the vocabulary in Python, and ``sample`` never waits for the device: the
+chosen ids stay there (the next step reads them as its input) until the caller fetches them
+with the step's other results.
 
 Seeded rows: the same seed gives the same tokens whatever else is in the batch. Sampling is an
 exponential race, ``argmax(p / E)`` with ``E ~ Exp(1)`` i.i.d. per token, which picks token j
@@ -31,7 +33,7 @@ from engine.outputs import TokenLogprob
 from engine.params import SamplingParams
 from engine.sampling.filters import apply_min_p, apply_temperature, apply_top_k_top_p
 from engine.sampling.grammar_mask import GrammarMasks, apply_grammar_mask
-from engine.sampling.logprobs import compute_logprobs, log_softmax_if_asked
+from engine.sampling.logprobs import PendingLogprobs, compute_logprobs, log_softmax_if_asked
 from engine.sampling.metadata import SamplingMetadata, build_metadata
 from engine.sampling.penalties import apply_bias_and_suppression, apply_penalties
 
@@ -47,12 +49,34 @@ class SamplingRow:
     generator: torch.Generator | None = None
     # Ids forbidden this step (EOS and stop_token_ids while len(output) < min_tokens).
     suppress_token_ids: tuple[int, ...] = field(default=())
+    # When the last output token is still on the device: its row in the previous step's
+    # sampled ids (``previous`` of ``Sampler.sample``); it follows ``output_token_ids``.
+    pending_src: int | None = None
 
 
 @dataclass(frozen=True)
 class SamplerOutput:
     token_ids: list[int]  # [B]
     logprobs: list[TokenLogprob | None]  # [B]; None where the row asked for none
+
+
+@dataclass(frozen=True)
+class DeviceSample:
+    """What ``Sampler.sample`` leaves on the device: the chosen ids and their logprobs."""
+
+    token_ids: torch.Tensor  # [B] int64
+    logprobs: PendingLogprobs | None
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Everything the host needs, to fetch in one go."""
+        return [self.token_ids, *(self.logprobs.tensors() if self.logprobs else [])]
+
+    def resolve(self, host: list[torch.Tensor]) -> SamplerOutput:
+        """The host copies of ``tensors()``, in that order, as lists."""
+        ids: list[int] = host[0].tolist()
+        if self.logprobs is None:
+            return SamplerOutput(ids, [None] * len(ids))
+        return SamplerOutput(ids, self.logprobs.resolve(ids, host[1:]))
 
 
 class Sampler:
@@ -69,20 +93,27 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
                  grammar: GrammarMasks | None = None) -> SamplerOutput:
+        """Sample and wait for the result (tests, and callers with nothing to overlap)."""
+        if not rows:
+            self._check(logits, rows)
+            return SamplerOutput([], [])
+        sample = self.sample(logits, rows, grammar=grammar)
+        return sample.resolve([t.cpu() for t in sample.tensors()])
+
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+               previous: torch.Tensor | None = None,
+               grammar: GrammarMasks | None = None) -> DeviceSample:
+        """Queue the sampling of every row; nothing waits for the device. ``previous``: the
+        previous step's sampled ids, for rows whose last token is pending there."""
         # logits: [B, V'] with V' >= vocab_size; columns past vocab_size are padding.
         # grammar: the token masks of the constrained rows, None when no row has one.
         self._check(logits, rows)
-        if not rows:
-            return SamplerOutput([], [])
-        meta = build_metadata(rows, self.vocab_size, logits.device, grammar)
+        meta = build_metadata(rows, self.vocab_size, logits.device, previous, grammar)
         x = self._masked_copy(logits, meta)  # [B, V]
         logprobs = log_softmax_if_asked(x, meta.num_logprobs)  # [B, V] or None
         self._process_in_place(x, meta)
         token_ids = self._choose(x, meta)  # [B]
-        pending = compute_logprobs(logprobs, token_ids, meta.num_logprobs)
-        ids: list[int] = token_ids.tolist()  # the step's one wait for the device
-        logprobs = [None] * len(rows) if pending is None else pending.resolve(ids)
-        return SamplerOutput(ids, logprobs)
+        return DeviceSample(token_ids, compute_logprobs(logprobs, token_ids, meta.num_logprobs))
 
     def process(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
                 grammar: GrammarMasks | None = None) -> torch.Tensor:
@@ -92,7 +123,7 @@ class Sampler:
         their row, sampled rows draw from its softmax. The caller's ``logits`` are left
         intact."""
         self._check(logits, rows)
-        meta = build_metadata(rows, self.vocab_size, logits.device, grammar)
+        meta = build_metadata(rows, self.vocab_size, logits.device, grammar=grammar)
         x = self._masked_copy(logits, meta)
         self._process_in_place(x, meta)
         return x

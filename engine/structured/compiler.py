@@ -3,9 +3,9 @@
 Compiling builds llguidance's token-level matcher for a constraint over the model's vocabulary
 (the lexer and the token trie walk); it takes about a millisecond for common schemas and is
 bounded by ``GrammarLimits``' fuel. It runs in worker threads (llguidance drops the GIL while it
-builds) so the engine thread keeps stepping other requests meanwhile.
+builds) so the engine core's loop keeps stepping other requests meanwhile.
 
-Threading: ``submit`` and the cache are used by the engine thread only; workers only run
+Threading: ``submit`` and the cache are used by the engine core's loop only; workers only run
 ``_build``. The cache holds one pristine matcher per (kind, text); each sequence gets a
 ``deep_copy`` of it (a microsecond), so a schema sent again, or by the n choices of one request,
 compiles once.

@@ -1,7 +1,7 @@
 """The engine core's grammar state: compiles off the loop, holds requests back until their
 grammar is ready, keeps one matcher per constrained sequence, and builds each step's masks.
 
-Owned by LLMEngine and used by the engine thread only (the compile workers touch nothing
+Owned by LLMEngine and used by the engine core's loop only (the compile workers touch nothing
 here). A request whose grammar is still compiling is not in the scheduler yet, so it holds no
 KV blocks; it joins the waiting queue, in arrival order among the requests that became ready,
 as soon as its compile is done.
@@ -34,7 +34,7 @@ class StructuredConfig:
     cache_size: int = 256
     compile_workers: int = 2
     # Threads computing token masks and advancing matchers (None: 80% of the cores, at most
-    # 32, as llguidance sizes its pool); 1 does it on the engine thread.
+    # 32, as llguidance sizes its pool); 1 does it on the engine core's loop.
     mask_threads: int | None = None
 
 

@@ -26,7 +26,7 @@ class Tokenizer:
     """Implements ``engine.client.TokenizerLike`` over a transformers tokenizer.
 
     Thread use: the tables are immutable; ``decode`` only reads the underlying tokenizer, so
-    the engine thread may decode while the HTTP thread encodes.
+    one thread may decode while another encodes.
     """
 
     def __init__(self, hf: PreTrainedTokenizerBase, faults: FaultPlan | None = None) -> None:

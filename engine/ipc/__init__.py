@@ -1,0 +1,1 @@
+"""The HTTP front and the engine core process: their messages and their sockets."""
