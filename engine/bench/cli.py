@@ -19,26 +19,32 @@ from engine.bench import (
     kernels,
     lora_bench,
     prefix_bench,
-    server_bench,
+    server_sweep,
     structured_mode,
+    transport,
 )
+from engine.bench.table import Row
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("mode", nargs="?", default="engine",
-                   choices=["engine", "server", "kernels", "prefix", "structured", "lora"],
+                   choices=["engine", "server", "kernels", "prefix", "structured", "lora",
+                            "transport"],
                    help="engine: our engine, exllamav2's generator and the bandwidth ceiling on "
-                        "one checkpoint; server: a streaming load client against a running "
-                        "server (vLLM's TTFT/TPOT/ITL/latency/throughput); kernels: copy "
+                        "one checkpoint; server: streams through a gptq-serve server at each "
+                        "concurrency of a sweep (vLLM's TTFT/TPOT/ITL/latency/throughput) "
+                        "beside the engine alone in the same run (GPU or CPU); kernels: copy "
                         "bandwidth, exllama crossover per 13B layer shape, paged attention; "
                         "prefix: prefix caching on and off on a shared system prompt and on "
                         "unique prompts (GPU or CPU); structured: decode with and without a "
                         "JSON schema on every row (GPU or CPU); lora: decode with streams "
                         "spread over LoRA adapters against streams on the base model (GPU or "
-                        "CPU)")
+                        "CPU); transport: what carrying a step's outputs between two "
+                        "processes costs, per transport (CPU)")
     p.add_argument("--json-out", default=None, help="also write the rows to this JSON file")
     engine_mode.configure_parser(p)
-    server_bench.configure_parser(p)
+    server_sweep.configure_parser(p)
+    transport.configure_parser(p)
     kernels.configure_parser(p)
     prefix_bench.configure_parser(p)
     structured_mode.configure_parser(p)
@@ -47,8 +53,13 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.mode == "server":
-        # The GPU is the server's; this process only sends requests.
-        return _print(args.base_url, args, server_bench.run(args))
+        # The device is the server's (and the engine-alone run's, in a child process before
+        # it); this process only sends requests.
+        where = args.base_url or prefix_bench.device_name(prefix_bench.resolve_device(
+            args.device))
+        return _print(where, args, server_sweep.run(args))
+    if args.mode == "transport":
+        return _print(prefix_bench.device_name("cpu"), args, transport.run(args))
     if args.mode in ("prefix", "structured", "lora"):
         device = prefix_bench.resolve_device(args.device)
         run_mode = {"prefix": prefix_bench.run, "structured": structured_mode.run,
@@ -64,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     return _print(card, args, rows)
 
 
-def _print(card: str, args: argparse.Namespace, rows: list[kernels.Row]) -> int:
+def _print(card: str, args: argparse.Namespace, rows: list[Row]) -> int:
     width = max(len(r.what) for r in rows)
     print(f"\n## {args.mode} on {card}")
     for r in rows:

@@ -20,7 +20,7 @@ from engine.bench.engine_bench import (
     make_prompts,
     profile_decode_step,
 )
-from engine.bench.kernels import Row
+from engine.bench.table import Row
 from engine.config import EngineConfig
 
 log = logging.getLogger(__name__)

@@ -6,21 +6,14 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from engine.bench.ceiling import copy_bandwidth_gbps
 from engine.bench.layers import random_gptq_layer
+from engine.bench.table import Row
 
 SHAPES_13B = ((5120, 5120), (5120, 13824), (13824, 5120))
-
-
-@dataclass(frozen=True)
-class Row:
-    what: str
-    value: float
-    unit: str
 
 
 def time_ms(fn: Callable[[], object], reps: int = 20) -> float:

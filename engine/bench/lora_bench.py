@@ -18,8 +18,8 @@ import statistics
 from pathlib import Path
 
 from engine.bench.engine_bench import DecodeRun, decode_run, make_prompts
-from engine.bench.kernels import Row
 from engine.bench.prefix_bench import ensure_checkpoint, resolve_device
+from engine.bench.table import Row
 from engine.config import EngineConfig
 from engine.core.llm_engine import LLMEngine
 from engine.lora.peft import CONFIG_FILE

@@ -29,16 +29,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.bench.engine_bench import greedy
-from engine.bench.kernels import Row
 from engine.bench.server_bench import percentile
+from engine.bench.table import Row
 from engine.config import EngineConfig
 from engine.core.llm_engine import LLMEngine
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="prefix and lora modes: where the model runs (engine and kernels modes: cuda)")
-    p.add_argument("--streams", type=int, default=32, help="prefix and lora modes: requests at once")
+                   help="prefix, lora and server modes: where the model runs (engine and "
+                        "kernels modes: cuda)")
+    p.add_argument("--streams", type=int, default=32,
+                   help="prefix and lora modes: requests at once; transport mode: requests "
+                        "in each step message")
     p.add_argument("--system-len", type=int, default=1024,
                    help="prefix mode: tokens of the shared system prompt")
     p.add_argument("--question-len", type=int, default=16,
@@ -46,7 +49,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=int, default=64,
                    help="prefix and lora modes: tokens generated per request")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                   help="prefix and lora modes: the engine's token budget per step")
+                   help="prefix, lora and server modes: the engine's token budget per step")
     p.add_argument("--repeats", type=int, default=3,
                    help="prefix and lora modes: runs of each configuration (figures are medians)")
 

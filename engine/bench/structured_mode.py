@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from engine.bench.engine_bench import StructuredResults, bench_structured
-from engine.bench.kernels import Row
+from engine.bench.table import Row
 from engine.config import EngineConfig
 from engine.core.llm_engine import LLMEngine
 
