@@ -127,11 +127,13 @@ def test_cuda_engine_logits_with_adapters_match_the_cpu_reference(
 def test_decode_graphs_with_lora_equal_eager_steps(checkpoint: Path,
                                                    adapters: dict[str, Path]) -> None:
     """A decode step of adapter and base rows replayed through the LoRA graph gives the logits
-    of the same step run eagerly; a step of base rows only takes the graph without LoRA."""
+    of the same step run eagerly; a step of base rows only takes the graph without LoRA.
+    Steps resolved one at a time: the test builds a step's inputs itself, so no sampled token
+    may still be pending on the device."""
     engine = LLMEngine.from_config(EngineConfig(
         model=str(checkpoint), revision=None, offline=True, device="cuda", num_kv_blocks=128,
         max_num_seqs=8, max_num_batched_tokens=256, max_model_len=512,
-        lora=_lora(adapters, 2)))
+        lora=_lora(adapters, 2), overlap_steps=False))
     runner = engine.runner
     for i, name in enumerate([None, "all7", "qv", None, "all7"]):
         engine.add_request(f"r{i}", list(range(5 + i, 30 + 3 * i)),
