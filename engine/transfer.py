@@ -28,9 +28,16 @@ class Slot:
     shape: tuple[int, ...]
 
 
+# Each section starts on this many bytes. Triton specialises a kernel on whether each pointer
+# argument is 16-byte aligned: unaligned sections (an odd number of int64 tokens before the
+# positions, say) would make a kernel compile again mid-serving for a variant the warm-up never
+# launched, and read slower.
+_SECTION_ALIGN_BYTES = 16
+
+
 class Upload:
-    """Sections of one host buffer per dtype. ``add`` returns a Slot; after ``send`` a Slot
-    reads as a device tensor view of its section (``Uploaded[slot]``)."""
+    """Sections of one host buffer per dtype, each 16-byte aligned. ``add`` returns a Slot;
+    after ``send`` a Slot reads as a device tensor view of its section (``Uploaded[slot]``)."""
 
     def __init__(self) -> None:
         self._parts: dict[torch.dtype, list[torch.Tensor]] = {}
@@ -40,8 +47,13 @@ class Upload:
             dtype: torch.dtype) -> Slot:
         host = (values.to(dtype) if isinstance(values, torch.Tensor)
                 else torch.tensor(values, dtype=dtype))
-        start = self._sizes.get(dtype, 0)
-        self._parts.setdefault(dtype, []).append(host.reshape(-1))
+        size = self._sizes.get(dtype, 0)
+        align = max(1, _SECTION_ALIGN_BYTES // host.element_size())
+        start = -(-size // align) * align
+        parts = self._parts.setdefault(dtype, [])
+        if start > size:
+            parts.append(torch.zeros(start - size, dtype=dtype))
+        parts.append(host.reshape(-1))
         self._sizes[dtype] = start + host.numel()
         return Slot(dtype, start, start + host.numel(), tuple(host.shape))
 

@@ -52,7 +52,7 @@ def _mixed_requests(engine: LLMEngine, n: int, seed: int
         length = rng.choice((1, 3, 17, 63, 200, 700))  # chunked past the step budget too
         path = SAMPLER_PATHS[i % len(SAMPLER_PATHS)]
         out[f"m{seed}-{i}"] = ([rng.randrange(3, vocab) for _ in range(length)],
-                               dataclasses.replace(path, max_tokens=rng.randint(1, 12),
+                               dataclasses.replace(path, max_tokens=rng.randint(max(1, path.min_tokens), 12),
                                                    ignore_eos=True))
     return out
 

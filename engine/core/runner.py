@@ -142,6 +142,12 @@ class ModelRunner:
         self._generators: dict[int, torch.Generator] = {}
         self._previous: _Previous | None = None
 
+    def warm_up_attention(self) -> None:
+        """The attention backend's own warm-up, on the first layer's cache (every layer's has
+        the same shape, strides and alignment)."""
+        k_cache, v_cache = self.kv_caches[0]
+        self.model.attention_backend.warm_up(k_cache, v_cache, self.model.arch.num_heads)
+
     def add_lora(self, adapter_id: int, adapter: LoraAdapter) -> None:
         assert self.lora_slots is not None, "LoRA is off"
         self.lora_slots.add(adapter_id, adapter)

@@ -13,6 +13,9 @@ the sort and scatter kernels of the sampler set up on first use. So the warm-up 
   greedy, temperature with top-p, top-k and min-p, the penalties, logit bias, logprobs (the
   most alternatives allowed), seeded rows and min_tokens suppression;
 - prompt logprobs: one request that asks for them (its own logits path);
+- the paged prefill kernel's variants that single-prompt steps never launch (a fresh prompt
+  beside decodes or later chunks; block tables of 1, 16 or other numbers of blocks), launched
+  directly by the attention backend;
 - with LoRA adapters loaded, every prefill size once more with one of them, and half the rows
   of each decode batch with it (the LoRA kernels, the decode graphs that read adapters).
 
@@ -101,6 +104,7 @@ def warm_up(engine: LLMEngine) -> WarmupReport:
     adapters = engine.lora_adapters()
     lora = adapters[0].name if adapters else None
     prefills, decodes = warmup_sizes(engine)
+    engine.runner.warm_up_attention()
     for size in prefills:
         for with_lora in ((False, True) if lora else (False,)):
             _run(engine, {f"warmup-prefill-{size}": (prompt(size), SamplingParams(

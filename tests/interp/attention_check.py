@@ -1,5 +1,6 @@
 """Run under TRITON_INTERPRET=1 (tests/test_triton_interpreter.py): the paged decode kernel
-against the float64 reference on the CPU, with and without split contexts and grouped heads."""
+against the float64 reference on the CPU, with and without split contexts and grouped heads;
+the attention backend's warm-up launches on the same caches."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 
 import torch
 
+from engine.model.attention.cuda import CudaAttentionBackend
 from engine.model.attention.triton_paged import paged_decode, reference_paged_attention
 
 
@@ -37,6 +39,13 @@ def main() -> int:
             if not err < 2e-3:
                 print(f"FAIL heads={heads}/{kv_heads} dim={dim} parts={parts}: {err}")
                 return 1
+        # The backend's warm-up launches every prefill variant on these caches; it must run
+        # and leave the caches as they were (it only reads them).
+        k_before, v_before = k_cache.clone(), v_cache.clone()
+        CudaAttentionBackend().warm_up(k_cache, v_cache, heads)
+        if not (torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)):
+            print(f"FAIL warm-up heads={heads}/{kv_heads} dim={dim}: wrote the cache")
+            return 1
         print(f"ok heads={heads}/{kv_heads} dim={dim} block={block}")
     return 0
 

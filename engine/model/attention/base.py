@@ -47,3 +47,8 @@ class AttentionBackend(Protocol):
         over its sequence's context read through the block table.
         """
         ...
+
+    def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int) -> None:
+        """Compile whatever the backend compiles lazily for the steps these caches will see,
+        so that no request pays for it (engine/core/warmup.py)."""
+        ...

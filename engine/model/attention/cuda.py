@@ -57,6 +57,26 @@ class CudaAttentionBackend:
                 out[start:end] = causal_sdpa(q[start:end], k[start:end], v[start:end], scale)
         return out
 
+    def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int) -> None:
+        """Compile every variant of the paged prefill kernel that a step can launch.
+
+        Which variant a step needs depends on things the engine-level warm-up (one prompt a
+        step) never meets: SKIP_FRESH (a fresh prompt beside decodes or later chunks) and the
+        block table's row stride, the longest sequence's block count in the step, which Triton
+        specialises as 1, divisible by 16, or neither. Each variant is launched once on one
+        dummy two-token sequence; it only reads the cache."""
+        device = k_cache.device
+        head_dim = k_cache.shape[3]
+        q = torch.zeros((2, num_heads, head_dim), dtype=k_cache.dtype, device=device)
+        out = torch.empty_like(q)
+        seq_lens = torch.tensor([2], dtype=torch.int32, device=device)
+        query_start_loc = torch.tensor([0, 2], dtype=torch.int32, device=device)
+        for blocks in (1, 3, 16):
+            block_tables = torch.zeros((1, blocks), dtype=torch.int32, device=device)
+            for skip_fresh in (False, True):
+                paged_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, 2,
+                              1.0, out, skip_fresh=skip_fresh)
+
     def _sm_count(self, device: torch.device) -> int:
         if self._num_sms is None:
             self._num_sms = (torch.cuda.get_device_properties(device).multi_processor_count

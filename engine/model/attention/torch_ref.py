@@ -29,6 +29,9 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int)
 class TorchAttentionBackend:
     name = "torch"
 
+    def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int) -> None:
+        """Nothing to do: plain torch operations compile nothing."""
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
