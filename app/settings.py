@@ -58,7 +58,10 @@ class Settings(BaseSettings):
                                       "in tokens (default: the model's context length).")
     max_num_seqs: int = Field(64, ge=1, description="Most sequences decoded together.")
     max_num_batched_tokens: int = Field(2048, ge=16, description="Token budget of one engine "
-                                        "step (long prompts are prefilled in chunks).")
+                                        "step (long prompts are prefilled in chunks). New "
+                                        "prompts are prefilled in the steps that decode the "
+                                        "running streams: lower it for steadier inter-token "
+                                        "latency, raise it for a shorter time to first token.")
     block_size: int = Field(16, description="Tokens per KV-cache block.")
     num_kv_blocks: int | None = Field(None, ge=1, description="KV-cache size in blocks "
                                       "(default: sized from memory).")
