@@ -67,6 +67,11 @@ COPY app ./app
 COPY engine ./engine
 RUN pip install --no-cache-dir "/src[cuda]" \
     && python -c "import exllamav2.ext as ext; assert not ext.build_jit, 'exllamav2 would JIT-compile'"
+# The w4a16 tensor-core kernel (--linear-backend mma), built the same way and installed as the
+# importable module `gptq_serve_w4a16_mma`.
+RUN TORCH_CUDA_ARCH_LIST="$TORCH_CUDA_ARCH_LIST" MAX_JOBS="$MAX_JOBS" \
+    TORCH_EXTENSIONS_DIR=/tmp/torch-extensions python -m engine.model.linear.mma --install \
+    && rm -rf /tmp/torch-extensions
 
 
 FROM nvidia/cuda:${CUDA_VERSION}-base-ubuntu${UBUNTU_VERSION} AS runtime
@@ -109,10 +114,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     GPTQ_REVISION=main \
     GPTQ_SHUTDOWN_TIMEOUT=30
 
-# Fails the build if the prebuilt extension cannot be loaded without a compiler, or if the
+# Fails the build if the prebuilt extensions cannot be loaded without a compiler, or if the
 # transport between the server's two processes (pyzmq, msgspec: installed with the package
 # above) is missing.
-RUN python -c "import torch, exllamav2_ext" && python -c "import zmq, msgspec"
+RUN python -c "import torch, exllamav2_ext, gptq_serve_w4a16_mma" \
+    && python -c "import zmq, msgspec"
 
 USER 10001:10001
 WORKDIR /tmp

@@ -87,7 +87,8 @@ class EngineConfig:
         if self.grammar_cache_size < 1:
             raise ConfigError(f"grammar_cache_size must be positive, got {self.grammar_cache_size}")
         _one_of("device", self.device, ("auto", "cpu", "cuda"))
-        _one_of("linear_backend", self.linear_backend, ("auto", "torch", "triton", "exllama"))
+        _one_of("linear_backend", self.linear_backend, ("auto", "torch", "triton", "mma",
+                                                              "exllama"))
         _one_of("attention_backend", self.attention_backend, ("auto", "torch", "triton"))
         _one_of("dtype", self.dtype, ("auto", "float16", "bfloat16", "float32"))
 

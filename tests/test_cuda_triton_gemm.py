@@ -100,7 +100,8 @@ def test_backend_plan_and_graph_replay() -> None:
     from engine.model.linear.triton_backend import TritonLinearBackend
 
     gen = torch.Generator(device="cuda").manual_seed(7)
-    backend = TritonLinearBackend(torch.device("cuda"))
+    # The Triton and exllamav2 paths (the tensor-core kernel's plan: tests/test_cuda_mma.py).
+    backend = TritonLinearBackend(torch.device("cuda"), use_mma=False)
     layers = []
     for shape in [(5120, 5120), (5120, 5120), (5120, 13824)]:
         weights, w_ref = random_gptq_layer(*shape, 4, 128, True, gen)

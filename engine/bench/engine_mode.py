@@ -26,10 +26,12 @@ from engine.config import EngineConfig
 log = logging.getLogger(__name__)
 
 
-# (label, linear_backend, dense_weights): the default, exllamav2's kernel alone, and the
-# previous default (exllamav2's kernel for small steps, a kept dense fp16 copy above).
+# (label, linear_backend, dense_weights): the default, the tensor-core kernel, exllamav2's
+# kernel alone, and the previous default (exllamav2's kernel for small steps, a kept dense fp16
+# copy above).
 BACKENDS = {
     "triton": ("Triton kernels (+ exllamav2 where faster), packed", "triton", False),
+    "mma": ("w4a16 tensor-core kernel (mma), packed", "mma", False),
     "exllama": ("exllamav2 kernel only, packed", "exllama", False),
     "dense": ("exllamav2 kernel + dense fp16 copy", "exllama", True),
 }

@@ -56,7 +56,8 @@ def make_linear_backend(config: EngineConfig, quant: QuantConfig, device: torch.
         return ExpandedLinearBackend(dtype, device)
     from engine.model.linear.triton_backend import TritonLinearBackend
 
-    return TritonLinearBackend(device, dense_weights=config.dense_weights)
+    return TritonLinearBackend(device, dense_weights=config.dense_weights,
+                               use_mma=choice == "mma")
 
 
 def make_lora_model_config(config: EngineConfig, linear: LinearBackend,

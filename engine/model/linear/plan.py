@@ -5,9 +5,10 @@ to ``max_num_batched_tokens``), each candidate path on real layers of the shape,
 several layers so the weights stream from memory as in a forward pass, and keeps the fastest.
 A step of T tokens then takes the choice measured at the smallest ladder size >= T.
 
-Candidates: exllamav2's 4-bit kernel (up to 16 tokens), the Triton kernels with a few tile
-shapes and input-dimension splits chosen from the multiprocessor count, and the dense path
-(from 32 tokens). The Triton tile shapes are the ones the H200 sweep in tools/gpu kept
+Candidates: for layers in the Triton/exllamav2 layout, exllamav2's 4-bit kernel (up to 16
+tokens) and the Triton kernels with a few tile shapes and input-dimension splits chosen from the
+multiprocessor count; for layers in the tensor-core kernel's layout (``mma.py``), that kernel
+with each of its K splits (up to ``mma.MAX_TOKENS``); for both, the dense path (from 32 tokens). The Triton tile shapes are the ones the H200 sweep in tools/gpu kept
 (docs/benchmarks.md); the split sizes follow the card's multiprocessor count.
 """
 
@@ -23,7 +24,7 @@ import torch
 from engine.model.linear.gptq_triton import KernelConfig
 
 if TYPE_CHECKING:
-    from engine.model.linear.triton_backend import TritonLinear
+    from engine.model.linear.triton_backend import PackedLinear
 
 # Token counts at which the paths are timed; a plan entry covers the sizes up to its own.
 LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -35,6 +36,7 @@ DENSE_MIN_TOKENS = 32
 class PathKind(enum.Enum):
     EXLLAMA = "exllama"
     TRITON = "triton"
+    MMA = "mma"  # the w4a16 tensor-core kernel (mma.py)
     DENSE = "dense"
 
 
@@ -42,8 +44,11 @@ class PathKind(enum.Enum):
 class Path:
     kind: PathKind
     config: KernelConfig | None = None  # TRITON only; None: ``default_config``
+    split_k: int = 1  # MMA only
 
     def describe(self) -> str:
+        if self.kind is PathKind.MMA:
+            return f"mma/{self.split_k}"
         if self.kind is not PathKind.TRITON or self.config is None:
             return self.kind.value
         c = self.config
@@ -99,11 +104,9 @@ class StepPlan:
         return ", ".join(parts)
 
 
-def plan_signature(layer: TritonLinear) -> tuple:
+def plan_signature(layer: PackedLinear) -> tuple:
     """Layers with the same signature get the same plan."""
-    w = layer.w
-    return (w.in_features, w.out_features, w.bits, w.group_size, w.perm is not None,
-            layer.q4 is not None, layer.dense_owned)
+    return layer.signature()
 
 
 def _floor_pow2(x: float, cap: int = 16) -> int:
@@ -144,9 +147,17 @@ def max_split_elements(num_tokens: int, n: int, sms: int) -> int:
                 if c.split_k > 1), default=0)
 
 
-def candidates(layer: TritonLinear, num_tokens: int, sms: int) -> list[Path]:
-    paths = [Path(PathKind.TRITON, c)
-             for c in triton_candidates(num_tokens, layer.out_features, sms)]
+def candidates(layer: PackedLinear, num_tokens: int, sms: int) -> list[Path]:
+    from engine.model.linear import mma
+
+    paths: list[Path] = []
+    if isinstance(layer.w, mma.MmaWeights):
+        if num_tokens <= mma.MAX_TOKENS:
+            paths += [Path(PathKind.MMA, split_k=s)
+                      for s in mma.split_candidates(num_tokens, layer.w, sms)]
+    else:
+        paths += [Path(PathKind.TRITON, c)
+                  for c in triton_candidates(num_tokens, layer.out_features, sms)]
     if layer.q4 is not None and num_tokens <= EXLLAMA_MAX_TOKENS:
         paths.append(Path(PathKind.EXLLAMA))
     if layer.dense is not None and num_tokens >= DENSE_MIN_TOKENS:
@@ -159,14 +170,14 @@ def ladder(max_num_tokens: int) -> list[int]:
     return [*sizes, max_num_tokens]
 
 
-def measure_plan(layers: Sequence[TritonLinear], max_num_tokens: int) -> StepPlan:
+def measure_plan(layers: Sequence[PackedLinear], max_num_tokens: int) -> StepPlan:
     """Time every candidate at every ladder size on ``layers`` (one shape) and keep the
     fastest per size."""
     pool = list(layers[:8])
     first = pool[0]
     sms = num_sms()
     x_all = torch.randn((max_num_tokens, first.in_features), dtype=torch.float16,
-                        device=first.w.qweight.device)
+                        device=first.device)
     entries: list[tuple[int, Path]] = []
     timings = []
     for t in ladder(max_num_tokens):

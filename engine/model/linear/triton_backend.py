@@ -1,11 +1,14 @@
 """The ``triton`` linear backend: GPTQ weights stay packed on the card, and each layer picks, per
 step size, the fastest of the kernels that read its one resident copy:
 
-- exllamav2's 4-bit kernel (``gemm_half_q_half``), where its extension is importable;
-- the Triton kernels of ``gptq_triton.py`` (4 and 8 bits: a one-token GEMV and a tensor-core
-  product), in the same layout exllamav2 rewrites its buffers into, so both read one copy;
-- dequantise into one shared scratch matrix, then cuBLAS (large prefill steps), or a kept dense
-  fp16 copy when ``dense_weights`` asks for it (memory: 4x a 4-bit layer, 2x an 8-bit one).
+- 4-bit layers, where the w4a16 tensor-core kernel builds (``mma.py``, the default): that
+  kernel, in its own fragment-ordered layout (``MmaLinear``);
+- otherwise (8-bit layers, or no nvcc): the Triton kernels of ``gptq_triton.py`` (a one-token
+  GEMV and tensor-core products) and exllamav2's 4-bit kernel (``gemm_half_q_half``), both
+  reading the layout exllamav2 rewrites its buffers into (``TritonLinear``);
+- either way, dequantise into one shared scratch matrix, then cuBLAS (large prefill steps), or
+  a kept dense fp16 copy when ``dense_weights`` asks for it (memory: 4x a 4-bit layer, 2x an
+  8-bit one).
 
 Which path serves which step size is measured on the card in ``post_init`` per layer shape
 (``plan.measure_plan``), for the step sizes the engine will meet.
@@ -19,7 +22,7 @@ from collections import defaultdict
 import torch
 
 from engine.checkpoint.types import GPTQLinearWeights
-from engine.model.linear import exllama
+from engine.model.linear import exllama, mma
 from engine.model.linear.base import QuantLinear
 from engine.model.linear.fp16 import ExpandedLinear, ExpandedLinearBackend
 from engine.model.linear.gptq_triton import (
@@ -109,9 +112,77 @@ class TritonLinear:
         """x: [T, in] fp16 -> [T, out] fp16. T is a host int: choosing needs no sync."""
         return self.run(self.plan.pick(x.shape[0]), x)
 
+    @property
+    def device(self) -> torch.device:
+        return self.w.qweight.device
+
+    def signature(self) -> tuple:
+        """Layers with the same signature get the same plan."""
+        w = self.w
+        return ("triton", w.in_features, w.out_features, w.bits, w.group_size,
+                w.perm is not None, self.q4 is not None, self.dense_owned)
+
+    def dequantize(self, out: torch.Tensor) -> torch.Tensor:
+        return dequantize_into(self.w, out)
+
     def free(self) -> None:
         if self.q4 is not None:
             self.q4.free()
+
+
+class MmaLinear:
+    """One 4-bit layer on the w4a16 tensor-core kernel; ``plan`` picks MMA or DENSE per step."""
+
+    q4 = None  # exllamav2 does not read this layout
+
+    def __init__(self, weights: GPTQLinearWeights, device: torch.device) -> None:
+        self.name = weights.name
+        self.in_features = weights.in_features
+        self.out_features = weights.out_features
+        self.w = mma.repack(weights, device)
+        self.plan = StepPlan.single(Path(PathKind.MMA))
+        self.workspace: SplitKWorkspace | None = None
+        self.dense: torch.Tensor | None = None
+        self.dense_owned = False
+
+    @property
+    def nbytes(self) -> int:
+        own = self.w.nbytes
+        if self.dense_owned and self.dense is not None:
+            own += self.dense.numel() * 2
+        return own
+
+    @property
+    def device(self) -> torch.device:
+        return self.w.qweight.device
+
+    def signature(self) -> tuple:
+        w = self.w
+        return ("mma", w.in_features, w.out_features, w.group_size, w.perm is not None,
+                self.dense_owned)
+
+    def dequantize(self, out: torch.Tensor) -> torch.Tensor:
+        return mma.dequantize_into(self.w, out)
+
+    def run(self, path: Path, x: torch.Tensor) -> torch.Tensor:
+        if path.kind is PathKind.DENSE:
+            dense = self.dense
+            assert dense is not None
+            if not self.dense_owned:
+                mma.dequantize_into(self.w, dense)
+            out = torch.mm(mma.sorted_input(x, self.w), dense)
+            return out if self.w.bias is None else out + self.w.bias
+        assert path.kind is PathKind.MMA
+        return mma.matmul(x, self.w, path.split_k, self.workspace)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(self.plan.pick(x.shape[0]), x)
+
+    def free(self) -> None:
+        pass
+
+
+PackedLinear = TritonLinear | MmaLinear
 
 
 class TritonLinearBackend:
@@ -127,11 +198,15 @@ class TritonLinearBackend:
     supports_lora = True
 
     def __init__(self, device: torch.device, dense_weights: bool = False,
-                 use_exllama: bool = True) -> None:
+                 use_exllama: bool = True, use_mma: bool = False) -> None:
         self.device = device
         self.dense_weights = dense_weights
-        self.ext = _try_exllama() if use_exllama else None
-        self.layers: list[TritonLinear] = []
+        # ``mma``: 4-bit layers on the tensor-core kernel where it builds (an opt-in: it wins at
+        # 8-32 tokens a step and loses to exllamav2's kernel at one, docs/benchmarks.md).
+        self.use_mma = use_mma and mma.available()
+        # exllamav2's kernel only serves 4-bit layers, which the tensor-core kernel takes.
+        self.ext = _try_exllama() if use_exllama and not self.use_mma else None
+        self.layers: list[PackedLinear] = []
         self._fallback = ExpandedLinearBackend(torch.float16, device)
         self.plans: dict[tuple, StepPlan] = {}
         self.workspace: SplitKWorkspace | None = None
@@ -139,28 +214,36 @@ class TritonLinearBackend:
 
     @property
     def name(self) -> str:
-        """ "triton+exllama" when any layer can take exllamav2's kernel (4-bit layers with the
-        extension present), else "triton"."""
-        return "triton+exllama" if any(layer.q4 is not None for layer in self.layers) \
-            else "triton"
+        """ "triton" plus "+mma" when layers run the tensor-core kernel and "+exllama" when
+        layers can take exllamav2's."""
+        name = "triton"
+        if any(isinstance(layer, MmaLinear) for layer in self.layers):
+            name += "+mma"
+        if any(layer.q4 is not None for layer in self.layers):
+            name += "+exllama"
+        return name
 
     def make(self, weights: GPTQLinearWeights) -> QuantLinear:
         reason = unsupported_reason(weights)
         if reason is not None:
             log.warning("%s: the Triton kernels cannot take %s; expanding it to fp16",
                         weights.name, reason)
-            layer: ExpandedLinear = self._fallback.make(weights)
-            return layer
-        t_layer = TritonLinear(weights, self.device, self.ext)
-        self.layers.append(t_layer)
-        return t_layer
+            expanded: ExpandedLinear = self._fallback.make(weights)
+            return expanded
+        layer: PackedLinear
+        if self.use_mma and mma.unsupported_reason(weights) is None:
+            layer = MmaLinear(weights, self.device)
+        else:
+            layer = TritonLinear(weights, self.device, self.ext)
+        self.layers.append(layer)
+        return layer
 
     def post_init(self, max_num_tokens: int) -> None:
         """Measure each layer shape's plan, then size the split-K workspace and the dense
         storage the plans use."""
         if not self.layers:
             return
-        groups: dict[tuple, list[TritonLinear]] = defaultdict(list)
+        groups: dict[tuple, list[PackedLinear]] = defaultdict(list)
         for layer in self.layers:
             groups[plan_signature(layer)].append(layer)
         # Measuring needs the workspace and scratch at their largest: allocate, measure, trim.
@@ -174,9 +257,10 @@ class TritonLinearBackend:
             self.plans[sig] = plan
             for layer in layers:
                 layer.plan = plan
-            log.info("linear %dx%d %d-bit%s: %s", layers[0].in_features,
-                     layers[0].out_features, layers[0].w.bits,
-                     " act-order" if layers[0].perm_long is not None else "", plan.describe())
+            log.info("linear %dx%d %s%s: %s", layers[0].in_features, layers[0].out_features,
+                     "4-bit mma" if isinstance(layers[0], MmaLinear) else
+                     f"{layers[0].w.bits}-bit", " act-order" if layers[0].w.perm is not None
+                     else "", plan.describe())
             log.debug("linear %dx%d measured: %s", layers[0].in_features,
                       layers[0].out_features, plan.describe_timings())
         if not any(p.uses(PathKind.DENSE) for p in self.plans.values()):
@@ -185,11 +269,11 @@ class TritonLinearBackend:
         log.info("linear weights on the card: %.2f GiB in %d layers (%s)", total / 2**30,
                  len(self.layers), "dense copies kept" if self.dense_weights else "packed")
 
-    def _allocate_dense(self, groups: dict[tuple, list[TritonLinear]], keep: bool) -> None:
+    def _allocate_dense(self, groups: dict[tuple, list[PackedLinear]], keep: bool) -> None:
         if keep:
             for layers in groups.values():
                 for layer in layers:
-                    layer.dense = dequantize_into(layer.w, torch.empty(
+                    layer.dense = layer.dequantize(torch.empty(
                         (layer.in_features, layer.out_features), dtype=torch.float16,
                         device=self.device))
                     layer.dense_owned = True
@@ -208,13 +292,18 @@ class TritonLinearBackend:
         self.scratch = None
 
 
-def _workspace_bounds(groups: dict[tuple, list[TritonLinear]],
+def _workspace_bounds(groups: dict[tuple, list[PackedLinear]],
                       max_num_tokens: int) -> tuple[int, int]:
     """(fp32 partial elements, counters) the largest split launch of any candidate needs."""
     sms = num_sms()
     elements = tiles = 1
     for layers in groups.values():
         n = layers[0].out_features
+        if isinstance(layers[0], MmaLinear):
+            for t in ladder(min(max_num_tokens, mma.MAX_TOKENS)):
+                elements = max(elements, mma.max_partials(t, layers[0].w, sms))
+            tiles = max(tiles, mma.max_counters(n))
+            continue
         for t in ladder(min(max_num_tokens, MAX_SPLIT_TOKENS)):
             elements = max(elements, max_split_elements(t, n, sms))
         tiles = max(tiles, -(-n // 64) * 4)  # the smallest tile is 64 outputs x 16 tokens

@@ -1,0 +1,242 @@
+"""4-bit GPTQ layers on the w4a16 tensor-core kernel (csrc/w4a16_mma.cuh): the weights
+repacked once at load into the MMA fragments' order, the only copy of the layer on the card.
+
+Paths per step (timed at load by ``plan.measure_plan``, like the other packed layers):
+
+- ``MMA``: the tensor-core product, tokens in tiles of 8/16/32/64, the input dimension split
+  over ``split_k`` blocks when the grid is too small to fill the card;
+- ``DENSE``: dequantise into the shared scratch matrix (or a kept dense copy with
+  ``dense_weights``), then cuBLAS: large prefill steps.
+
+A prebuilt module named ``gptq_serve_w4a16_mma`` on the path is imported as is (the container
+image builds one ahead of time: Dockerfile, ``python -m engine.model.linear.mma --install``);
+otherwise the extension is compiled on first use with torch's JIT builder (nvcc, about a
+minute) and cached in ``$GPTQ_KERNEL_CACHE`` (default: torch's extension cache), so restarts
+load it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path as FsPath
+from typing import Any
+
+import torch
+
+from engine.checkpoint.dequant import unpack_cols, unpack_rows
+from engine.checkpoint.types import GPTQLinearWeights
+from engine.model.linear.gptq_triton import SplitKWorkspace, sort_rows_by_group
+
+log = logging.getLogger(__name__)
+
+CSRC = FsPath(__file__).resolve().parent / "csrc"
+EXT_NAME = "gptq_serve_w4a16_mma"
+# Tokens a block. Above 32 a step takes several blocks of 32 (each reads the weights again):
+# measured faster on an H200 than one block of 64, whose accumulators crowd out the weight
+# prefetch.
+TOKEN_TILES = (8, 16, 32)
+MAX_TOKENS = 128  # above this the dense path always wins (and the counters are sized for it)
+
+# Position p of a word holds bits 4p..4p+3: the A-fragment value at output row
+# g + ROW_OFF[p] and input row 2t + COL_OFF[p] of the 16x16 tile (g = lane / 4, t = lane % 4).
+# Bits 4i and 16 + 4i are the low and high halves of fragment register i (the kernel's
+# ``(word >> 4i) & 0x000F000F``); register i covers rows +8 when i is odd, inputs +8 when i >= 2.
+ROW_OFF = (0, 8, 0, 8, 0, 8, 0, 8)
+COL_OFF = (0, 0, 8, 8, 1, 1, 9, 9)
+
+_ext: Any = None
+_ext_error: str | None = None
+
+
+def load_ext() -> Any:
+    """The compiled kernels (built and cached on first call); raises when they cannot be."""
+    global _ext, _ext_error
+    if _ext is not None:
+        return _ext
+    if _ext_error is not None:
+        raise RuntimeError(_ext_error)
+    try:
+        import importlib
+
+        _ext = importlib.import_module(EXT_NAME)  # prebuilt (the container image)
+        return _ext
+    except ImportError:
+        pass
+    try:
+        from torch.utils.cpp_extension import load
+
+        build_dir = os.environ.get("GPTQ_KERNEL_CACHE")
+        if build_dir:
+            FsPath(build_dir).mkdir(parents=True, exist_ok=True)
+        _ext = load(name=EXT_NAME, sources=[str(CSRC / "w4a16_mma.cu")],
+                    extra_include_paths=[str(CSRC)], extra_cflags=["-O3"],
+                    extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"],
+                    build_directory=build_dir or None, verbose=False)
+    except Exception as e:  # no nvcc, no GPU: the caller falls back to other kernels
+        _ext_error = f"the w4a16 tensor-core kernel could not be built: {e}"
+        raise RuntimeError(_ext_error) from e
+    return _ext
+
+
+def available() -> bool:
+    try:
+        load_ext()
+        return True
+    except RuntimeError as e:
+        log.info("%s; using the Triton and exllamav2 kernels", e)
+        return False
+
+
+def unsupported_reason(weights: GPTQLinearWeights) -> str | None:
+    """Why the kernel cannot take this layer, or None when it can."""
+    if weights.bits != 4:
+        return f"{weights.bits}-bit weights (the kernel is 4-bit)"
+    k, n = weights.in_features, weights.out_features
+    if k % 64 or n % 16:
+        return f"shape {k}x{n} (in_features must be a multiple of 64, out_features of 16)"
+    group = weights.group_size or k
+    if k % group or (group != k and (group < 16 or group & (group - 1))):
+        return f"group size {group} (must be a power of two >= 16 dividing in_features)"
+    if weights.g_idx is not None:
+        counts = torch.bincount(weights.g_idx.long().cpu(), minlength=k // group)
+        if counts.numel() != k // group or bool((counts != group).any()):
+            return "a g_idx whose groups are not all group_size rows"
+    return None
+
+
+@dataclass
+class MmaWeights:
+    qweight: torch.Tensor  # int32 [out / 16, in / 64, 32, 4]: A fragments (csrc header)
+    meta: torch.Tensor  # fp16 [groups, out, 2]: (scale, 1024 + zero + 1)
+    perm: torch.Tensor | None  # int64 [in]: input row of sorted position k; None: identity
+    bias: torch.Tensor | None  # fp16 [out]
+    group_size: int
+    in_features: int
+    out_features: int
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.qweight, self.meta, self.perm, self.bias]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def fragment_words(q: torch.Tensor) -> torch.Tensor:
+    """q: integer [K, N] four-bit values, rows in sorted order -> int32 [N/16, K/64, 32, 4]."""
+    k, n = q.shape
+    device = q.device
+    lane = torch.arange(32, device=device).view(32, 1)
+    kk = 2 * (lane % 4) + torch.tensor(COL_OFF, device=device).view(1, 8)  # [32, 8]
+    rr = lane // 4 + torch.tensor(ROW_OFF, device=device).view(1, 8)
+    # [K/64, 4 words, 16 rows of a word, N/16, 16] -> [N/16, K/64, 4, 16, 16]
+    q5 = q.to(torch.int64).view(k // 64, 4, 16, n // 16, 16).permute(3, 0, 1, 2, 4)
+    picked = q5[:, :, :, kk, rr]  # [N/16, K/64, 4, 32, 8]
+    shifts = torch.arange(0, 32, 4, device=device)
+    words = (picked << shifts).sum(-1).permute(0, 1, 3, 2)  # [N/16, K/64, 32, 4]
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+
+
+def repack(weights: GPTQLinearWeights, device: torch.device) -> MmaWeights:
+    """The checkpoint's tensors in the kernel's layout (call ``unsupported_reason`` first).
+    Peak extra memory is a few times one layer's unpacked matrix."""
+    k, n = weights.in_features, weights.out_features
+    group = weights.group_size or k
+    q = unpack_rows(weights.qweight.to(device=device, dtype=torch.int32), 4)  # [in, out]
+    perm = sort_rows_by_group(weights, device)
+    perm_long = None if perm is None else perm.long()
+    if perm_long is not None:
+        q = q[perm_long]
+    words = fragment_words(q)
+    del q
+    scales = weights.scales.to(device=device, dtype=torch.float16)
+    zeros = unpack_cols(weights.qzeros.to(device=device, dtype=torch.int32), 4)  # stored - 1
+    meta = torch.stack([scales, (zeros + 1025).to(torch.float16)], dim=-1).contiguous()
+    return MmaWeights(
+        qweight=words, meta=meta, perm=perm_long,
+        bias=None if weights.bias is None else weights.bias.to(device=device,
+                                                               dtype=torch.float16),
+        group_size=group, in_features=k, out_features=n)
+
+
+def token_tile(num_tokens: int) -> int:
+    """The kernel's tokens a block for a step of ``num_tokens``."""
+    for tile in TOKEN_TILES:
+        if num_tokens <= tile:
+            return tile
+    return TOKEN_TILES[-1]
+
+
+def split_candidates(num_tokens: int, w: MmaWeights, sms: int) -> list[int]:
+    """The K splits worth timing: from one block a multiprocessor's worth of output tiles up
+    to ~16 warps a multiprocessor, each split keeping >= 4 chunks of 64 inputs."""
+    if num_tokens > 64:
+        return [1, 2] if num_tokens <= 128 else [1]
+    chunks = w.in_features // 64
+    warps = w.out_features // 16 * -(-num_tokens // token_tile(num_tokens))
+    out = []
+    for split in (1, 2, 4, 8, 16):
+        if split > 1 and (chunks // split < 4 or warps * split > 64 * sms):
+            continue
+        out.append(split)
+    return out
+
+
+def max_partials(num_tokens: int, w: MmaWeights, sms: int) -> int:
+    """fp32 workspace elements the split launches timed at ``num_tokens`` need (0: none)."""
+    split = max(split_candidates(num_tokens, w, sms))
+    return split * num_tokens * w.out_features if split > 1 else 0
+
+
+def max_counters(n: int) -> int:
+    return -(-MAX_TOKENS // TOKEN_TILES[-1]) * (n // 16)
+
+
+def sorted_input(x: torch.Tensor, w: MmaWeights) -> torch.Tensor:
+    """The activations in sorted row order (act-order layers gather their columns), for the
+    dense path; the kernel gathers them itself."""
+    return x if w.perm is None else x.index_select(1, w.perm)
+
+
+def matmul(x: torch.Tensor, w: MmaWeights, split_k: int,
+           workspace: SplitKWorkspace | None) -> torch.Tensor:
+    """x: [M, in] fp16, columns in checkpoint order -> [M, out] fp16. One small kernel first
+    lays the activations out in the tensor cores' fragment order (sorting act-order columns
+    on the way), then the product."""
+    if split_k > 1 and workspace is None:
+        raise ValueError(f"split_k={split_k} needs a workspace")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    ws = workspace.partials if workspace is not None else x
+    counters = workspace.counters if workspace is not None else x
+    return load_ext().matmul(x, w.perm, w.qweight, w.meta, w.group_size, w.bias, ws, counters,
+                             split_k, token_tile(x.shape[0]))
+
+
+def dequantize_into(w: MmaWeights, out: torch.Tensor) -> torch.Tensor:
+    """The dense weight [in, out] fp16, rows in sorted order, written into ``out``."""
+    if out.shape != (w.in_features, w.out_features) or out.dtype != torch.float16 \
+            or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous fp16 [{w.in_features}, {w.out_features}]")
+    load_ext().dequantize(w.qweight, w.meta, w.group_size, out)
+    return out
+
+
+def install_prebuilt() -> str:
+    """Build the extension and copy it into site-packages as an importable module, so a
+    machine without nvcc (the runtime image) imports it. Returns the installed path."""
+    import shutil
+    import sysconfig
+
+    module = load_ext()
+    target = FsPath(sysconfig.get_paths()["platlib"]) / FsPath(module.__file__).name
+    shutil.copy2(module.__file__, target)
+    return str(target)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--install"]:
+        sys.exit("usage: python -m engine.model.linear.mma --install")
+    print(install_prebuilt())

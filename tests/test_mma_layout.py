@@ -1,0 +1,111 @@
+"""The w4a16 tensor-core kernel's weight layout (engine/model/linear/mma.py), checked on the CPU
+against the PTX ISA's fragment layout of mma.m16n8k16 (the kernel itself runs in
+tests/test_cuda_mma.py): decoding each lane's four A registers the way the kernel does, then
+placing them where the ISA says a lane's registers sit, must give back the transposed weights
+and the reference dequantisation."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.bench.layers import random_gptq_layer
+from engine.model.linear import mma
+
+
+def decode_like_the_kernel(words: torch.Tensor, meta: torch.Tensor, group: int, k: int,
+                           n: int) -> torch.Tensor:
+    """-> fp32 [K, N]: each lane's registers reg_i = ((word >> 4i) & 0x000F000F) | 0x64006400,
+    (reg - zero') * scale, placed per the ISA: register i of lane (g = lane / 4, t = lane % 4)
+    holds A[g + 8 (i & 1)][2t + 8 (i >> 1) + h], h = 0 (low half) or 1 (high half)."""
+    out = torch.full((k, n), float("nan"))
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    for tile in range(n // 16):
+        for c in range(k // 64):
+            for lane in range(32):
+                g, t = lane // 4, lane % 4
+                for s in range(4):
+                    word = int(w[tile, c, lane, s])
+                    k0 = 64 * c + 16 * s
+                    for i in range(4):
+                        for h in range(2):
+                            q = (word >> (4 * i + 16 * h)) & 0xF
+                            row = tile * 16 + g + 8 * (i & 1)
+                            kk = k0 + 2 * t + 8 * (i >> 1) + h
+                            scale, zero = meta[kk // group, row].tolist()
+                            v = torch.tensor(1024.0 + q).half()
+                            out[kk, row] = ((v - torch.tensor(zero).half()) *
+                                            torch.tensor(scale).half()).float()
+    return out
+
+
+def test_fragment_layout_matches_the_isa_and_the_reference() -> None:
+    gen = torch.Generator().manual_seed(3)
+    for group, act_order in ((32, True), (64, False), (None, False)):
+        k, n = 128, 32
+        weights, ref = random_gptq_layer(k, n, 4, group, act_order, gen, device="cpu")
+        assert mma.unsupported_reason(weights) is None
+        w = mma.repack(weights, torch.device("cpu"))
+        assert w.qweight.shape == (n // 16, k // 64, 32, 4)
+        got = decode_like_the_kernel(w.qweight, w.meta.float(), w.group_size, k, n)
+        want = ref.t()  # [in, out], rows in checkpoint order
+        if w.perm is not None:
+            want = want[w.perm]  # the kernel's rows are in sorted order
+        # The fp16 dequantisation is the reference's: exact up to one rounding by the scale.
+        torch.testing.assert_close(got, want.half().float(), rtol=0, atol=0)
+
+
+def test_layout_is_no_bigger_than_the_checkpoint_allows() -> None:
+    gen = torch.Generator().manual_seed(4)
+    for group in (32, 128):
+        weights, _ = random_gptq_layer(512, 256, 4, group, True, gen, device="cpu")
+        w = mma.repack(weights, torch.device("cpu"))
+        ckpt = sum(t.numel() * t.element_size()
+                   for t in (weights.qweight, weights.qzeros, weights.scales, weights.g_idx))
+        assert w.nbytes <= 1.15 * ckpt
+
+
+def test_unsupported_layers_say_why() -> None:
+    gen = torch.Generator().manual_seed(5)
+    eight, _ = random_gptq_layer(128, 32, 8, 32, False, gen, device="cpu")
+    assert "8-bit" in (mma.unsupported_reason(eight) or "")
+    odd, _ = random_gptq_layer(96, 32, 4, 32, False, gen, device="cpu")
+    assert "multiple of 64" in (mma.unsupported_reason(odd) or "")
+
+
+def test_token_tiles_and_splits() -> None:
+    assert [mma.token_tile(t) for t in (1, 8, 9, 16, 17, 33, 64, 200)] == \
+        [8, 8, 16, 16, 32, 32, 32, 32]
+    gen = torch.Generator().manual_seed(6)
+    weights, _ = random_gptq_layer(1024, 64, 4, 128, False, gen, device="cpu")
+    w = mma.repack(weights, torch.device("cpu"))
+    splits = mma.split_candidates(1, w, sms=132)
+    assert splits[0] == 1 and all(1024 // 64 // s >= 4 for s in splits)
+    assert mma.max_partials(1, w, 132) == max(splits) * 64 or max(splits) == 1
+
+
+def test_kernel_sources_ship_with_the_package() -> None:
+    """The kernel compiles from its sources at first use: a wheel without them could not."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    declared = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["engine.model.linear"]
+    sources = [p.relative_to(mma.CSRC.parent).as_posix() for p in mma.CSRC.iterdir()]
+    assert sources and all(any(fnmatch.fnmatch(s, pat) for pat in declared) for s in sources)
+
+
+def test_mma_is_a_linear_backend_choice_that_needs_a_gpu() -> None:
+    import pytest
+
+    from engine.checkpoint.types import QuantConfig
+    from engine.config import ConfigError, EngineConfig
+    from engine.core.build import make_linear_backend
+
+    config = EngineConfig(linear_backend="mma")  # validated on construction
+    quant = QuantConfig(bits=4, group_size=128, desc_act=False, sym=True)
+    with pytest.raises(ConfigError, match="CUDA"):
+        make_linear_backend(config, quant, torch.device("cpu"), torch.float32)
+    with pytest.raises(ConfigError, match="linear_backend"):
+        EngineConfig(linear_backend="marlin")
