@@ -8,7 +8,8 @@ A step of T tokens then takes the choice measured at the smallest ladder size >=
 Candidates: for layers in the Triton/exllamav2 layout, exllamav2's 4-bit kernel (up to 16
 tokens) and the Triton kernels with a few tile shapes and input-dimension splits chosen from the
 multiprocessor count; for layers in the tensor-core kernel's layout (``mma.py``), that kernel
-with each of its K splits (up to ``mma.MAX_TOKENS``); for both, the dense path (from 32 tokens). The Triton tile shapes are the ones the H200 sweep in tools/gpu kept
+with each of its K splits (up to ``mma.MAX_TOKENS``); for both, the dense path (from 32
+tokens). The Triton tile shapes are the ones the H200 sweep in tools/gpu kept
 (docs/benchmarks.md); the split sizes follow the card's multiprocessor count.
 """
 
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from engine.model.linear import mma
 from engine.model.linear.gptq_triton import KernelConfig
 
 if TYPE_CHECKING:
@@ -148,8 +150,6 @@ def max_split_elements(num_tokens: int, n: int, sms: int) -> int:
 
 
 def candidates(layer: PackedLinear, num_tokens: int, sms: int) -> list[Path]:
-    from engine.model.linear import mma
-
     paths: list[Path] = []
     if isinstance(layer.w, mma.MmaWeights):
         if num_tokens <= mma.MAX_TOKENS:

@@ -1,9 +1,9 @@
 """The ``triton`` linear backend: GPTQ weights stay packed on the card, and each layer picks, per
 step size, the fastest of the kernels that read its one resident copy:
 
-- 4-bit layers, where the w4a16 tensor-core kernel builds (``mma.py``, the default): that
-  kernel, in its own fragment-ordered layout (``MmaLinear``);
-- otherwise (8-bit layers, or no nvcc): the Triton kernels of ``gptq_triton.py`` (a one-token
+- with ``use_mma`` (``--linear-backend mma``), 4-bit layers where the w4a16 tensor-core kernel
+  builds: that kernel, in its own fragment-ordered layout (``MmaLinear``);
+- otherwise (the default, 8-bit layers, or no nvcc): the Triton kernels of ``gptq_triton.py`` (a one-token
   GEMV and tensor-core products) and exllamav2's 4-bit kernel (``gemm_half_q_half``), both
   reading the layout exllamav2 rewrites its buffers into (``TritonLinear``);
 - either way, dequantise into one shared scratch matrix, then cuBLAS (large prefill steps), or
