@@ -84,7 +84,10 @@ async def test_abort_by_id_ends_the_stream_with_abort(engine: EngineProcessClien
         if len(deltas) == 2:
             engine.abort("victim")
     assert deltas[-1].finish_reason == FinishReason.ABORT
-    assert len(deltas) == 3
+    assert all(d.finish_reason is None for d in deltas[:-1])
+    # The ABORT delta is queued behind the token deltas that had already arrived (none on an
+    # idle machine, a few when the test's process lags the core) and nothing follows it.
+    assert 3 <= len(deltas) <= 10
     await wait_until_idle(engine)
 
 
