@@ -48,7 +48,7 @@ class Settings(BaseSettings):
         "auto", description="Quantised matmul backend (auto: triton on CUDA, torch on CPU). "
         "triton: Triton GPTQ kernels for 4 and 8 bits, with exllamav2's 4-bit kernel where it "
         "measures faster; mma: 4-bit layers on the w4a16 tensor-core kernel (built with nvcc "
-        "on first use; faster at 8-32 sequences a step, slower for one, see "
+        "on first use; faster than triton at every batch size measured, see "
         "docs/benchmarks.md), 8-bit as triton; exllama: exllamav2's kernel only (4-bit).")
     dense_weights: bool = Field(False, description="Also keep a dense fp16 copy of every "
                                 "quantised layer for large steps (faster prefill; 4x the "

@@ -69,18 +69,24 @@ def test_unsupported_layers_say_why() -> None:
     eight, _ = random_gptq_layer(128, 32, 8, 32, False, gen, device="cpu")
     assert "8-bit" in (mma.unsupported_reason(eight) or "")
     odd, _ = random_gptq_layer(96, 32, 4, 32, False, gen, device="cpu")
-    assert "multiple of 64" in (mma.unsupported_reason(odd) or "")
+    assert "multiple of 128" in (mma.unsupported_reason(odd) or "")
 
 
 def test_token_tiles_and_splits() -> None:
     assert [mma.token_tile(t) for t in (1, 8, 9, 16, 17, 33, 64, 200)] == \
-        [8, 8, 16, 16, 32, 32, 32, 32]
+        [8, 8, 16, 16, 32, 64, 64, 64]
     gen = torch.Generator().manual_seed(6)
     weights, _ = random_gptq_layer(1024, 64, 4, 128, False, gen, device="cpu")
     w = mma.repack(weights, torch.device("cpu"))
-    splits = mma.split_candidates(1, w, sms=132)
-    assert splits[0] == 1 and all(1024 // 64 // s >= 4 for s in splits)
-    assert mma.max_partials(1, w, 132) == max(splits) * 64 or max(splits) == 1
+    for bn in mma.BLOCK_N:
+        splits = mma.split_candidates(1, w, sms=132, block_n=bn)
+        # Every split keeps two pipeline stages of the 8 in K = 1024.
+        assert splits == [1, 2, 3, 4], splits
+    assert mma.max_partials(1, w, 132) == 4 * 64
+    # A grid that already fills the card is not split further than ~6 blocks a multiprocessor.
+    big, _ = random_gptq_layer(5120, 2048, 4, 128, False, gen, device="cpu")
+    wb = mma.repack(big, torch.device("cpu"))
+    assert max(mma.split_candidates(1, wb, sms=8, block_n=128)) <= 6 * 8 // (2048 // 128)
 
 
 def test_kernel_sources_ship_with_the_package() -> None:

@@ -63,8 +63,9 @@ def check() -> None:
         for m in CHECK_TOKENS:
             x = torch.randn((m, 5120), generator=gen, device="cuda").half()
             r = x.float() @ ref.t() + w.bias.float()
-            splits = [1, 4] if m <= 256 else []
-            for path in [PlanPath(PathKind.MMA, split_k=s) for s in splits] + [
+            splits = [1, 4] if m <= mma.MAX_TOKENS else []
+            for path in [PlanPath(PathKind.MMA, split_k=s, block_n=bn) for s in splits
+                         for bn in mma.BLOCK_N] + [
                     PlanPath(PathKind.DENSE)]:
                 out = layer.run(path, x)
                 err = ((out.float() - r).norm() / r.norm()).item()
@@ -100,14 +101,11 @@ def sweep_shape(k: int, n: int, ws: SplitKWorkspace, ext) -> None:
     for m in TOKENS:
         x = torch.randn((m, k), device="cuda").half()
         row = {"k": k, "n": n, "m": m, "bytes": mlayers[0].w.nbytes, "mma": {}}
-        for s in mma.split_candidates(m, mlayers[0].w, SMS) if m <= mma.MAX_TOKENS else []:
-            p = PlanPath(PathKind.MMA, split_k=s)
-            row["mma"][s] = graph_time_us(lambda p=p: [la.run(p, x) for la in mlayers])
-        if 32 < m <= 64:  # two blocks of 32 tokens each instead of one of 64
-            ext_mod = mma.load_ext()
-            row["mma_tile32"] = min(graph_time_us(lambda s=s: [ext_mod.matmul(
-                x, la.w.perm, la.w.qweight, la.w.meta, la.w.group_size, None, ws.partials,
-                ws.counters, s, 32) for la in mlayers]) for s in (1, 2, 4))
+        for bn in mma.BLOCK_N if m <= mma.MAX_TOKENS else ():
+            for s in mma.split_candidates(m, mlayers[0].w, SMS, bn):
+                p = PlanPath(PathKind.MMA, split_k=s, block_n=bn)
+                row["mma"][f"{bn}/{s}"] = graph_time_us(
+                    lambda p=p: [la.run(p, x) for la in mlayers])
         p = PlanPath(PathKind.DENSE)
         row["mma_dense"] = graph_time_us(lambda: [la.run(p, x) for la in mlayers])
         best = None
@@ -134,7 +132,7 @@ def sweep_shape(k: int, n: int, ws: SplitKWorkspace, ext) -> None:
 def summary() -> None:
     print(f"\n## w4a16 per layer call, us ({results['card']}, copy {results['copy_gbps']:.0f} "
           "GB/s); GB/s = packed bytes / best mma time")
-    print("shape          M  mma_best split  GB/s  exllama  triton   fp16  mma_deq+mm  tile32")
+    print("shape          M  mma_best  bn/split  GB/s  exllama  triton   fp16  mma_deq+mm")
     for r in results["rows"]:  # type: ignore[union-attr]
         def f(v):
             return f"{v:7.1f}" if isinstance(v, float) else "      -"
@@ -143,9 +141,8 @@ def summary() -> None:
             gbps = r["bytes"] / (us * 1e-6) / 1e9
         else:
             split, us, gbps = "-", None, 0
-        print(f"{r['k']:>5}x{r['n']:<6} {r['m']:>4} {f(us)} {split!s:>5} {gbps:5.0f} "
-              f"{f(r.get('exllama'))} {f(r.get('triton'))} {f(r['fp16'])} {f(r['mma_dense'])} "
-              f"{f(r.get('mma_tile32'))}")
+        print(f"{r['k']:>5}x{r['n']:<6} {r['m']:>4} {f(us)} {split!s:>9} {gbps:5.0f} "
+              f"{f(r.get('exllama'))} {f(r.get('triton'))} {f(r['fp16'])} {f(r['mma_dense'])}")
 
 
 def main() -> None:

@@ -3,8 +3,8 @@ repacked once at load into the MMA fragments' order, the only copy of the layer 
 
 Paths per step (timed at load by ``plan.measure_plan``, like the other packed layers):
 
-- ``MMA``: the tensor-core product, tokens in tiles of 8/16/32/64, the input dimension split
-  over ``split_k`` blocks when the grid is too small to fill the card;
+- ``MMA``: the tensor-core product, blocks of 128 or 256 outputs and 8/16/32/64 tokens, the
+  input dimension split over ``split_k`` blocks when the grid is too small to fill the card;
 - ``DENSE``: dequantise into the shared scratch matrix (or a kept dense copy with
   ``dense_weights``), then cuBLAS: large prefill steps.
 
@@ -33,10 +33,11 @@ log = logging.getLogger(__name__)
 
 CSRC = FsPath(__file__).resolve().parent / "csrc"
 EXT_NAME = "gptq_serve_w4a16_mma"
-# Tokens a block. Above 32 a step takes several blocks of 32 (each reads the weights again):
-# measured faster on an H200 than one block of 64, whose accumulators crowd out the weight
-# prefetch.
-TOKEN_TILES = (8, 16, 32)
+# Tokens a block (the kernel picks the smallest that holds the step); above 64 a step takes
+# several blocks, each reading the weights again.
+TOKEN_TILES = (8, 16, 32, 64)
+BLOCK_N = (128, 256)  # output rows a block: the kernel's two warp layouts
+STAGE_INPUTS = 128  # inputs a pipeline stage; K splits are whole stages
 MAX_TOKENS = 128  # above this the dense path always wins (and the counters are sized for it)
 
 # Position p of a word holds bits 4p..4p+3: the A-fragment value at output row
@@ -94,8 +95,9 @@ def unsupported_reason(weights: GPTQLinearWeights) -> str | None:
     if weights.bits != 4:
         return f"{weights.bits}-bit weights (the kernel is 4-bit)"
     k, n = weights.in_features, weights.out_features
-    if k % 64 or n % 16:
-        return f"shape {k}x{n} (in_features must be a multiple of 64, out_features of 16)"
+    if k % STAGE_INPUTS or n % 16:
+        return (f"shape {k}x{n} (in_features must be a multiple of {STAGE_INPUTS}, "
+                "out_features of 16)")
     group = weights.group_size or k
     if k % group or (group != k and (group < 16 or group & (group - 1))):
         return f"group size {group} (must be a power of two >= 16 dividing in_features)"
@@ -167,24 +169,21 @@ def token_tile(num_tokens: int) -> int:
     return TOKEN_TILES[-1]
 
 
-def split_candidates(num_tokens: int, w: MmaWeights, sms: int) -> list[int]:
-    """The K splits worth timing: from one block a multiprocessor's worth of output tiles up
-    to ~16 warps a multiprocessor, each split keeping >= 4 chunks of 64 inputs."""
-    if num_tokens > 64:
-        return [1, 2] if num_tokens <= 128 else [1]
-    chunks = w.in_features // 64
-    warps = w.out_features // 16 * -(-num_tokens // token_tile(num_tokens))
-    out = []
-    for split in (1, 2, 4, 8, 16):
-        if split > 1 and (chunks // split < 4 or warps * split > 64 * sms):
-            continue
-        out.append(split)
+def split_candidates(num_tokens: int, w: MmaWeights, sms: int, block_n: int) -> list[int]:
+    """The K splits worth timing for blocks of ``block_n`` outputs: from none up to about six
+    blocks a multiprocessor (the most that fit), each split keeping >= 2 pipeline stages."""
+    stages = w.in_features // STAGE_INPUTS
+    blocks = -(-w.out_features // block_n) * -(-num_tokens // TOKEN_TILES[-1])
+    out = [1]
+    for split in (2, 3, 4, 6, 8, 12, 16):
+        if stages // split >= 2 and blocks * split <= 6 * sms:
+            out.append(split)
     return out
 
 
 def max_partials(num_tokens: int, w: MmaWeights, sms: int) -> int:
     """fp32 workspace elements the split launches timed at ``num_tokens`` need (0: none)."""
-    split = max(split_candidates(num_tokens, w, sms))
+    split = max(max(split_candidates(num_tokens, w, sms, bn)) for bn in BLOCK_N)
     return split * num_tokens * w.out_features if split > 1 else 0
 
 
@@ -194,15 +193,14 @@ def max_counters(n: int) -> int:
 
 def sorted_input(x: torch.Tensor, w: MmaWeights) -> torch.Tensor:
     """The activations in sorted row order (act-order layers gather their columns), for the
-    dense path; the kernel gathers them itself."""
+    dense path."""
     return x if w.perm is None else x.index_select(1, w.perm)
 
 
-def matmul(x: torch.Tensor, w: MmaWeights, split_k: int,
+def matmul(x: torch.Tensor, w: MmaWeights, split_k: int, block_n: int,
            workspace: SplitKWorkspace | None) -> torch.Tensor:
-    """x: [M, in] fp16, columns in checkpoint order -> [M, out] fp16. One small kernel first
-    lays the activations out in the tensor cores' fragment order (sorting act-order columns
-    on the way), then the product."""
+    """x: [M, in] fp16, columns in checkpoint order -> [M, out] fp16: one launch (act-order
+    layers gather their columns into sorted order first)."""
     if split_k > 1 and workspace is None:
         raise ValueError(f"split_k={split_k} needs a workspace")
     if x.stride(1) != 1:
@@ -210,7 +208,7 @@ def matmul(x: torch.Tensor, w: MmaWeights, split_k: int,
     ws = workspace.partials if workspace is not None else x
     counters = workspace.counters if workspace is not None else x
     return load_ext().matmul(x, w.perm, w.qweight, w.meta, w.group_size, w.bias, ws, counters,
-                             split_k, token_tile(x.shape[0]))
+                             split_k, block_n)
 
 
 def dequantize_into(w: MmaWeights, out: torch.Tensor) -> torch.Tensor:

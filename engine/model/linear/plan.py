@@ -8,7 +8,7 @@ A step of T tokens then takes the choice measured at the smallest ladder size >=
 Candidates: for layers in the Triton/exllamav2 layout, exllamav2's 4-bit kernel (up to 16
 tokens) and the Triton kernels with a few tile shapes and input-dimension splits chosen from the
 multiprocessor count; for layers in the tensor-core kernel's layout (``mma.py``), that kernel
-with each of its K splits (up to ``mma.MAX_TOKENS``); for both, the dense path (from 32
+with each of its block widths and K splits (up to ``mma.MAX_TOKENS``); for both, the dense path (from 32
 tokens). The Triton tile shapes are the ones the H200 sweep in tools/gpu kept
 (docs/benchmarks.md); the split sizes follow the card's multiprocessor count.
 """
@@ -47,10 +47,11 @@ class Path:
     kind: PathKind
     config: KernelConfig | None = None  # TRITON only; None: ``default_config``
     split_k: int = 1  # MMA only
+    block_n: int = 128  # MMA only: output rows a block (mma.BLOCK_N)
 
     def describe(self) -> str:
         if self.kind is PathKind.MMA:
-            return f"mma/{self.split_k}"
+            return f"mma{self.block_n}/{self.split_k}"
         if self.kind is not PathKind.TRITON or self.config is None:
             return self.kind.value
         c = self.config
@@ -153,8 +154,8 @@ def candidates(layer: PackedLinear, num_tokens: int, sms: int) -> list[Path]:
     paths: list[Path] = []
     if isinstance(layer.w, mma.MmaWeights):
         if num_tokens <= mma.MAX_TOKENS:
-            paths += [Path(PathKind.MMA, split_k=s)
-                      for s in mma.split_candidates(num_tokens, layer.w, sms)]
+            paths += [Path(PathKind.MMA, split_k=s, block_n=bn) for bn in mma.BLOCK_N
+                      for s in mma.split_candidates(num_tokens, layer.w, sms, bn)]
     else:
         paths += [Path(PathKind.TRITON, c)
                   for c in triton_candidates(num_tokens, layer.out_features, sms)]

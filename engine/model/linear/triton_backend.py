@@ -173,7 +173,7 @@ class MmaLinear:
             out = torch.mm(mma.sorted_input(x, self.w), dense)
             return out if self.w.bias is None else out + self.w.bias
         assert path.kind is PathKind.MMA
-        return mma.matmul(x, self.w, path.split_k, self.workspace)
+        return mma.matmul(x, self.w, path.split_k, path.block_n, self.workspace)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(self.plan.pick(x.shape[0]), x)
@@ -201,8 +201,8 @@ class TritonLinearBackend:
                  use_exllama: bool = True, use_mma: bool = False) -> None:
         self.device = device
         self.dense_weights = dense_weights
-        # ``mma``: 4-bit layers on the tensor-core kernel where it builds (an opt-in: it wins at
-        # 8-32 tokens a step and loses to exllamav2's kernel at one, docs/benchmarks.md).
+        # ``mma``: 4-bit layers on the tensor-core kernel where it builds (an opt-in; faster than
+        # the Triton and exllamav2 kernels at every batch size measured, docs/benchmarks.md).
         self.use_mma = use_mma and mma.available()
         # exllamav2's kernel only serves 4-bit layers, which the tensor-core kernel takes.
         self.ext = _try_exllama() if use_exllama and not self.use_mma else None

@@ -22,16 +22,22 @@ int group_shift(int64_t group, int64_t K) {
   return shift;
 }
 
-template <int NT, int DEPTH>
-void launch(const torch::Tensor& xf, int M, int K, const torch::Tensor& qw,
-            const torch::Tensor& meta, int shift, const c10::optional<torch::Tensor>& bias,
-            torch::Tensor& out, torch::Tensor& ws, torch::Tensor& counters, int64_t split_k) {
-  const int N = out.size(1);
-  const int tiles = N / 16;
-  dim3 grid((tiles + gptq_mma::kWarps - 1) / gptq_mma::kWarps, split_k, (M + 8 * NT - 1) / (8 * NT));
-  gptq_mma::w4a16_mma_kernel<NT, DEPTH><<<grid, gptq_mma::kWarps * 32, 0,
-                                   at::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const uint2*>(xf.data_ptr<int32_t>()), M, K,
+template <int NT, int TPW, bool SMALL_GROUPS>
+void launch(const torch::Tensor& x, int shift, const torch::Tensor& qw, const torch::Tensor& meta,
+            const c10::optional<torch::Tensor>& bias, torch::Tensor& out, torch::Tensor& ws,
+            torch::Tensor& counters, int64_t split_k) {
+  using S = gptq_mma::GemmShape<NT, TPW, SMALL_GROUPS>;
+  const auto kernel = gptq_mma::w4a16_gemm_kernel<NT, TPW, SMALL_GROUPS>;
+  static const bool configured = [&] {  // above 48 KiB a kernel must opt in
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        S::kSmemBytes));
+    return true;
+  }();
+  (void)configured;
+  const int M = x.size(0), K = x.size(1), N = out.size(1);
+  dim3 grid((N / 16 + S::kTiles - 1) / S::kTiles, split_k, (M + 8 * NT - 1) / (8 * NT));
+  kernel<<<grid, gptq_mma::kGemmThreads, S::kSmemBytes, at::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const half*>(x.data_ptr<at::Half>()), M, K, x.stride(0),
       reinterpret_cast<const uint4*>(qw.data_ptr<int32_t>()),
       reinterpret_cast<const half2*>(meta.data_ptr<at::Half>()), shift,
       bias ? reinterpret_cast<const half*>(bias->data_ptr<at::Half>()) : nullptr,
@@ -40,14 +46,39 @@ void launch(const torch::Tensor& xf, int M, int K, const torch::Tensor& qw,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <int TPW, bool SMALL_GROUPS>
+void launch_tokens(const torch::Tensor& x, int shift, const torch::Tensor& qw,
+                   const torch::Tensor& meta, const c10::optional<torch::Tensor>& bias,
+                   torch::Tensor& out, torch::Tensor& ws, torch::Tensor& counters,
+                   int64_t split_k) {
+  const int64_t M = x.size(0);
+  if (M <= 8) launch<1, TPW, SMALL_GROUPS>(x, shift, qw, meta, bias, out, ws, counters, split_k);
+  else if (M <= 16) launch<2, TPW, SMALL_GROUPS>(x, shift, qw, meta, bias, out, ws, counters, split_k);
+  else if (M <= 32) launch<4, TPW, SMALL_GROUPS>(x, shift, qw, meta, bias, out, ws, counters, split_k);
+  else launch<8, TPW, SMALL_GROUPS>(x, shift, qw, meta, bias, out, ws, counters, split_k);
+}
+
+template <int TPW>
+void launch_groups(const torch::Tensor& x, int shift, const torch::Tensor& qw,
+                   const torch::Tensor& meta, const c10::optional<torch::Tensor>& bias,
+                   torch::Tensor& out, torch::Tensor& ws, torch::Tensor& counters,
+                   int64_t split_k) {
+  if (shift < 6) launch_tokens<TPW, true>(x, shift, qw, meta, bias, out, ws, counters, split_k);
+  else launch_tokens<TPW, false>(x, shift, qw, meta, bias, out, ws, counters, split_k);
+}
+
+// Tokens a block for a step of M (the kernel's NT * 8): 8, 16, 32, then 64.
+int64_t tokens_a_block(int64_t M) { return M <= 8 ? 8 : M <= 16 ? 16 : M <= 32 ? 32 : 64; }
+
 // out = x[:, perm] @ W (+ bias): x [M, K] fp16 (columns in checkpoint order; perm int64 [K],
 // the input row of each sorted position, or None), qw int32 [N/16, K/64, 32, 4], meta fp16
-// [groups, N, 2]. token_tile: tokens a block (8, 16 or 32). ws: fp32 with >= split_k * M * N
-// elements and counters: int32 zeros, >= ceil(M / token_tile) * N / 16, when split_k > 1.
+// [groups, N, 2]. block_n: output rows a block (128 or 256). ws: fp32 with >= split_k * M * N
+// elements and counters: int32 zeros, >= ceil(M / tokens_a_block(M)) * N / 16, when
+// split_k > 1.
 torch::Tensor matmul(torch::Tensor x, c10::optional<torch::Tensor> perm, torch::Tensor qw,
                      torch::Tensor meta, int64_t group, c10::optional<torch::Tensor> bias,
                      torch::Tensor ws, torch::Tensor counters, int64_t split_k,
-                     int64_t token_tile) {
+                     int64_t block_n) {
   check(x, torch::kHalf, "x");
   check(qw, torch::kInt32, "qweight");
   check(meta, torch::kHalf, "meta");
@@ -55,37 +86,31 @@ torch::Tensor matmul(torch::Tensor x, c10::optional<torch::Tensor> perm, torch::
   const int64_t M = x.size(0), K = x.size(1), N = qw.size(0) * 16;
   TORCH_CHECK(K % 64 == 0 && qw.size(1) == K / 64, "qweight does not match x's ", K, " inputs");
   const int shift = group_shift(group, K);
-  if (perm) {
-    check(*perm, torch::kLong, "perm");
-    TORCH_CHECK(perm->numel() == K, "perm must have K entries");
-  }
   TORCH_CHECK(meta.size(0) == K / group && meta.size(1) == N, "meta does not match the layer");
-  TORCH_CHECK(split_k >= 1 && split_k <= K / 64, "split_k out of range");
+  TORCH_CHECK(K % gptq_mma::kStageInputs == 0, "in_features must be a multiple of ",
+              gptq_mma::kStageInputs);
+  TORCH_CHECK(split_k >= 1 && split_k <= K / gptq_mma::kStageInputs, "split_k out of range");
+  TORCH_CHECK(block_n == 128 || block_n == 256, "block_n must be 128 or 256");
   if (bias) check(*bias, torch::kHalf, "bias");
   if (split_k > 1) {
     check(ws, torch::kFloat, "workspace");
     check(counters, torch::kInt32, "counters");
     TORCH_CHECK(ws.numel() >= split_k * M * N, "workspace too small");
-    TORCH_CHECK(counters.numel() >= (M + token_tile - 1) / token_tile * (N / 16),
-                "too few counters");
+    const int64_t blocks = (M + tokens_a_block(M) - 1) / tokens_a_block(M);
+    TORCH_CHECK(counters.numel() >= blocks * (N / 16), "too few counters");
   }
   const c10::cuda::CUDAGuard guard(x.device());
+  if (perm) {
+    check(*perm, torch::kLong, "perm");
+    TORCH_CHECK(perm->numel() == K, "perm must have K entries");
+    x = x.index_select(1, *perm);  // act-order: the columns in the weights' sorted order
+  } else if (x.stride(0) % 8 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16) {
+    x = x.clone(at::MemoryFormat::Contiguous);  // cp.async copies 16-byte runs of a row
+  }
   auto out = torch::empty({M, N}, x.options());
   if (M == 0) return out;
-  const int64_t xf_words = (M + 7) / 8 * (K / 16) * 32;
-  auto xf = torch::empty({xf_words * 2}, x.options().dtype(torch::kInt32));
-  gptq_mma::w4a16_pack_x_kernel<<<(xf_words + 255) / 256, 256, 0,
-                                  at::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const half*>(x.data_ptr<at::Half>()), M, K, x.stride(0),
-      perm ? perm->data_ptr<int64_t>() : nullptr, reinterpret_cast<uint2*>(xf.data_ptr<int32_t>()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  switch (token_tile) {
-    // Fewer token tiles leave registers for more weight chunks in flight.
-    case 8: launch<1, 8>(xf, M, K, qw, meta, shift, bias, out, ws, counters, split_k); break;
-    case 16: launch<2, 8>(xf, M, K, qw, meta, shift, bias, out, ws, counters, split_k); break;
-    case 32: launch<4, 4>(xf, M, K, qw, meta, shift, bias, out, ws, counters, split_k); break;
-    default: TORCH_CHECK(false, "token_tile must be 8, 16 or 32");
-  }
+  if (block_n == 128) launch_groups<1>(x, shift, qw, meta, bias, out, ws, counters, split_k);
+  else launch_groups<2>(x, shift, qw, meta, bias, out, ws, counters, split_k);
   return out;
 }
 
