@@ -45,11 +45,12 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto", description="Activation dtype (auto: float16 on CUDA, float32 on the CPU).")
     linear_backend: Literal["auto", "torch", "triton", "mma", "exllama"] = Field(
-        "auto", description="Quantised matmul backend (auto: triton on CUDA, torch on CPU). "
-        "triton: Triton GPTQ kernels for 4 and 8 bits, with exllamav2's 4-bit kernel where it "
-        "measures faster; mma: 4-bit layers on the w4a16 tensor-core kernel (built with nvcc "
-        "on first use; faster than triton at every batch size measured, see "
-        "docs/benchmarks.md), 8-bit as triton; exllama: exllamav2's kernel only (4-bit).")
+        "auto", description="Quantised matmul backend (auto: mma on CUDA, torch on CPU). "
+        "mma: 4-bit layers on the w4a16 tensor-core kernel (built with nvcc on first use, "
+        "prebuilt in the image; faster than triton at every batch size measured, see "
+        "docs/benchmarks.md), 8-bit layers, and every layer where the kernel cannot be built, "
+        "as triton; triton: Triton GPTQ kernels for 4 and 8 bits, with exllamav2's 4-bit "
+        "kernel where it measures faster; exllama: exllamav2's kernel only (4-bit).")
     dense_weights: bool = Field(False, description="Also keep a dense fp16 copy of every "
                                 "quantised layer for large steps (faster prefill; 4x the "
                                 "memory of 4-bit weights, 2x of 8-bit, taken from the KV "

@@ -35,8 +35,9 @@ class EngineConfig:
     kv_cache_memory_gb: float = 1.0
     # "auto" picks "cuda" when a GPU is present, else "cpu".
     device: str = "auto"
-    # "auto" picks "triton" on CUDA (Triton GPTQ kernels, with exllamav2's 4-bit kernel for the
-    # step sizes where it measures faster), else "torch".
+    # "auto" picks "mma" on CUDA (4-bit layers on the w4a16 tensor-core kernel; 8-bit layers,
+    # or every layer where that kernel cannot be built, as "triton": the Triton GPTQ kernels
+    # with exllamav2's 4-bit kernel for the step sizes where it measures faster), else "torch".
     linear_backend: str = "auto"
     # Keep a dense fp16 copy of every quantised layer for large steps (prefill): faster first
     # tokens for 4x (4-bit) or 2x (8-bit) the weights' memory, taken from the KV cache.

@@ -47,6 +47,28 @@ def test_rotary_in_place_on_strided_views(head_dim: int, heads: int) -> None:
     assert torch.equal(v, v_before)
 
 
+@pytest.mark.parametrize("kv_heads", [40, 8])
+def test_rotary_writes_the_cache_like_write_kv(kv_heads: int) -> None:
+    from engine.model import triton_fused
+    from engine.model.attention.torch_ref import write_kv
+
+    heads, dim, t = 40, 128, 9
+    rot = RotaryEmbedding(dim, 4096, 10000.0, torch.device("cuda"))
+    qkv = torch.randn((t, (heads + 2 * kv_heads) * dim), device="cuda").half()
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=1)
+    q, k, v = q.view(t, heads, dim), k.view(t, kv_heads, dim), v.view(t, kv_heads, dim)
+    positions = torch.randint(0, 4096, (t,), device="cuda")
+    k_cache = torch.randn((8, 16, kv_heads, dim), device="cuda").half()
+    v_cache = torch.randn_like(k_cache)
+    slots = torch.randperm(128, device="cuda")[:t]
+    q1, k1, want_kc, want_vc = q.clone(), k.clone(), k_cache.clone(), v_cache.clone()
+    triton_fused.rotary_(q1, k1, positions, rot.cos, rot.sin)
+    write_kv(k1, v, want_kc, want_vc, slots)
+    triton_fused.rotary_write_kv_(q, k, v, positions, rot.cos, rot.sin, k_cache, v_cache, slots)
+    assert torch.equal(q, q1) and torch.equal(k, k1)
+    assert torch.equal(k_cache, want_kc) and torch.equal(v_cache, want_vc)
+
+
 def test_silu_mul() -> None:
     from engine.model import triton_fused
 

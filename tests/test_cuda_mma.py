@@ -53,9 +53,10 @@ def test_every_path_matches_reference(mma, layout, shape) -> None:
         x = torch.randn((t, shape[0]), generator=gen, device="cuda").half()
         ref = x.float() @ w_ref.t() + weights.bias.float()
         paths = []
-        for bn in mma.BLOCK_N if t <= mma.MAX_TOKENS else ():
+        for bn, kw in mma.GEOMETRIES if t <= mma.MAX_TOKENS else ():
             splits = mma.split_candidates(t, layer.w, num_sms(), bn)
-            paths += [Path(PathKind.MMA, split_k=s, block_n=bn) for s in {splits[0], splits[-1]}]
+            paths += [Path(PathKind.MMA, split_k=s, block_n=bn, k_warps=kw)
+                      for s in {splits[0], splits[-1]}]
         for path in paths + [Path(PathKind.DENSE)]:
             out = layer.run(path, x)
             assert out.shape == (t, shape[1])

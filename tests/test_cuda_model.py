@@ -52,10 +52,15 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
 
-def test_cuda_engine_matches_torch_reference(checkpoint: Path) -> None:
-    cuda = _engine(checkpoint)
+@pytest.mark.parametrize("linear_backend", ["auto", "triton"])
+def test_cuda_engine_matches_torch_reference(checkpoint: Path, linear_backend: str) -> None:
+    from engine.model.linear import mma
+
+    cuda = _engine(checkpoint, linear_backend=linear_backend)
     info = cuda.model_info
-    expected_linear = "triton+exllama" if info.bits == 4 else "triton"
+    # auto: 4-bit layers on the tensor-core kernel where it builds; triton: Triton + exllamav2.
+    four_bit = "triton+mma" if linear_backend == "auto" and mma.available() else "triton+exllama"
+    expected_linear = four_bit if info.bits == 4 else "triton"
     assert (info.linear_backend, info.attention_backend) == (expected_linear, "triton")
     ref = _engine(checkpoint, linear_backend="torch", attention_backend="torch",
                   dtype="float32")

@@ -78,7 +78,7 @@ def test_token_tiles_and_splits() -> None:
     gen = torch.Generator().manual_seed(6)
     weights, _ = random_gptq_layer(1024, 64, 4, 128, False, gen, device="cpu")
     w = mma.repack(weights, torch.device("cpu"))
-    for bn in mma.BLOCK_N:
+    for bn in {bn for bn, _ in mma.GEOMETRIES}:
         splits = mma.split_candidates(1, w, sms=132, block_n=bn)
         # Every split keeps two pipeline stages of the 8 in K = 1024.
         assert splits == [1, 2, 3, 4], splits

@@ -198,27 +198,29 @@ def last_logits(engine: LLMEngine, prompt: list[int]) -> torch.Tensor:
         blocks.free(seq)
 
 
-def profile_decode_step(engine: LLMEngine, prompt: list[int], path: str) -> float:
-    """Profile one eager (not graph-captured) single-sequence decode forward after a prefill
-    of ``prompt``; writes the kernel table to ``path`` and returns the summed GPU kernel time
-    (ms): what the step costs on the GPU without any host overhead."""
+def profile_decode_step(engine: LLMEngine, prompt: list[int],
+                        sequences: int = 1) -> tuple[str, float]:
+    """Profile one eager (not graph-captured) decode forward of ``sequences`` sequences, each
+    after a prefill of ``prompt``. -> (the kernel table, the summed GPU kernel time in ms):
+    what the step costs on the GPU without any host overhead."""
     from torch.profiler import ProfilerActivity, profile
 
-    seq = Sequence(next(_probe_ids), "profile", list(prompt), SamplingParams(max_tokens=2))
     blocks, runner = engine.scheduler.block_manager, engine.runner
-    blocks.allocate(seq, len(prompt) + 1)
+    seqs = []
     try:
-        steps = []
-        for n in (len(prompt), 1):
-            out = SchedulerOutput((ScheduledSeq(seq, n),), ())
-            steps.append(out)
-            if n > 1:
-                inputs = build_step_inputs(out, blocks.block_size, runner.model.device)
-                runner.model.forward(inputs.input_ids, inputs.positions, runner.kv_caches,
-                                     inputs.meta)
-                seq.num_computed_tokens += n
-                seq.append_token(prompt[-1])
-        inputs = build_step_inputs(steps[-1], blocks.block_size, runner.model.device)
+        for _ in range(sequences):
+            seq = Sequence(next(_probe_ids), "profile", list(prompt),
+                           SamplingParams(max_tokens=2))
+            blocks.allocate(seq, len(prompt) + 1)
+            seqs.append(seq)
+            out = SchedulerOutput((ScheduledSeq(seq, len(prompt)),), ())
+            inputs = build_step_inputs(out, blocks.block_size, runner.model.device)
+            runner.model.forward(inputs.input_ids, inputs.positions, runner.kv_caches,
+                                 inputs.meta)
+            seq.num_computed_tokens += len(prompt)
+            seq.append_token(prompt[-1])
+        step = SchedulerOutput(tuple(ScheduledSeq(seq, 1) for seq in seqs), ())
+        inputs = build_step_inputs(step, blocks.block_size, runner.model.device)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             hidden = runner.model.forward(inputs.input_ids, inputs.positions, runner.kv_caches,
@@ -226,8 +228,8 @@ def profile_decode_step(engine: LLMEngine, prompt: list[int], path: str) -> floa
             runner.model.compute_logits(hidden)
             torch.cuda.synchronize()
     finally:
-        blocks.free(seq)
+        for seq in seqs:
+            blocks.free(seq)
     averages = prof.key_averages()
-    with open(path, "w") as f:
-        f.write(averages.table(sort_by="self_device_time_total", row_limit=30))
-    return sum(a.self_device_time_total for a in averages) / 1e3
+    return (averages.table(sort_by="self_device_time_total", row_limit=30),
+            sum(a.self_device_time_total for a in averages) / 1e3)

@@ -54,6 +54,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--profile-out", default=None,
                    help="write the GPU kernel table of one eager decode step here")
+    p.add_argument("--profile-sequences", default="1",
+                   help="sequences in the profiled decode steps, comma-separated (each sequence "
+                        "after its own prefill; one table each, in one file)")
 
 
 def ensure_checkpoint(args: argparse.Namespace) -> None:
@@ -80,7 +83,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     prompt = None
     our_logits = None
     structured: StructuredResults | None = None  # the first backend's
-    gpu_step_ms = None
+    gpu_step_ms: dict[int, float] = {}  # sequences -> ms
     rows: list[Row] = []
     results = {}
     arch = None
@@ -102,7 +105,11 @@ def run(args: argparse.Namespace) -> list[Row]:
                 structured = bench_structured(engine, args.structured_streams, args.prompt_len,
                                               args.new_tokens, args.structured_reps)
             if args.profile_out:
-                gpu_step_ms = profile_decode_step(engine, prompt, args.profile_out)
+                with open(args.profile_out, "w") as f:
+                    for n in (int(c) for c in args.profile_sequences.split(",")):
+                        table, gpu_step_ms[n] = profile_decode_step(engine, prompt, n)
+                        f.write(f"## one eager decode step, {n} sequence(s): "
+                                f"{gpu_step_ms[n]:.2f} ms of GPU kernels\n{table}\n\n")
         blocks = engine.scheduler.block_manager
         model_gib = (engine.model_memory_bytes or 0) / 2**30
         results[name] = ours
@@ -131,9 +138,9 @@ def run(args: argparse.Namespace) -> list[Row]:
             exl2 = bench_exl2_generator(args.model, prompt, args.new_tokens, probe=prompt[:64])
         except Exception:  # the baseline failing must not hide our own figures
             log.exception("exllamav2's generator failed; its rows are left out")
-    if gpu_step_ms is not None:
-        head.append(Row(f"GPU kernel time of one eager decode step, 1 sequence [{names[0]}]",
-                        gpu_step_ms, "ms"))
+    for n, ms in gpu_step_ms.items():
+        head.append(Row(f"GPU kernel time of one eager decode step, {n} sequence(s) "
+                        f"[{names[0]}]", ms, "ms"))
     if exl2 is not None and exl2.probe_logits is not None:
         theirs = exl2.probe_logits[:our_logits.shape[0]]
         head.append(Row(f"logits vs exllamav2's model, 64-token prompt [{names[0]}] (rel.)",

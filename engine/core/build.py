@@ -38,7 +38,8 @@ def make_linear_backend(config: EngineConfig, quant: QuantConfig, device: torch.
                         dtype: torch.dtype) -> LinearBackend:
     choice = config.linear_backend
     if choice == "auto":
-        choice = "triton" if device.type == "cuda" else "torch"
+        # On CUDA the tensor-core kernel for 4-bit layers (Triton where it cannot be built).
+        choice = "mma" if device.type == "cuda" else "torch"
     if choice == "torch":
         return TorchLinearBackend(dtype, device)
     if device.type != "cuda":
@@ -83,7 +84,8 @@ def make_lora_model_config(config: EngineConfig, linear: LinearBackend,
 def make_attention_backend(config: EngineConfig, device: torch.device) -> AttentionBackend:
     choice = config.attention_backend
     if choice == "auto":
-        choice = "triton" if device.type == "cuda" else "torch"
+        # On CUDA the tensor-core kernel for 4-bit layers (Triton where it cannot be built).
+        choice = "mma" if device.type == "cuda" else "torch"
     if choice == "torch":
         return TorchAttentionBackend()
     if device.type != "cuda":

@@ -141,12 +141,14 @@ class Attention:
         q = q.view(t, self.num_heads, self.head_dim)  # [T, H, D] (rows may be strided)
         k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.fused:
-            fused_ops().rotary_(q, k, positions, self.rotary.cos, self.rotary.sin)
+        if self.fused:  # the rotation and the cache write in one kernel
+            fused_ops().rotary_write_kv_(q, k, v, positions, self.rotary.cos, self.rotary.sin,
+                                         kv_cache[0], kv_cache[1], meta.slot_mapping)
         else:
             q = self.rotary.apply(q, positions)
             k = self.rotary.apply(k, positions)
-        out = self.attention.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        out = self.attention.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale,
+                                     kv_written=self.fused)
         return self.o_proj.forward(out.reshape(t, q_size), lora)
 
 
@@ -185,15 +187,24 @@ class TransformerBlock:
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata, lora: LoraBatch | None) -> torch.Tensor:
-        if not self.fused:
-            h = x + self.attn.forward(rms_norm(x, self.input_norm, self.eps), positions,
-                                      kv_cache, meta, lora)
-            return h + self.mlp.forward(rms_norm(h, self.post_norm, self.eps), lora)
+        h = x + self.attn.forward(rms_norm(x, self.input_norm, self.eps), positions,
+                                  kv_cache, meta, lora)
+        return h + self.mlp.forward(rms_norm(h, self.post_norm, self.eps), lora)
+
+    def forward_fused(self, x: torch.Tensor, pending: torch.Tensor | None,
+                      positions: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata,
+                      lora: LoraBatch | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CUDA path: the layer's output is ``x + pending`` on entry and ``h + mlp`` on
+        return, the sums left to the next norm's fused add (one kernel a layer fewer than
+        adding, then normalising)."""
         ops = fused_ops()
-        a = self.attn.forward(ops.rms_norm(x, self.input_norm, self.eps), positions, kv_cache,
-                              meta, lora)
+        if pending is None:
+            normed = ops.rms_norm(x, self.input_norm, self.eps)
+        else:
+            x, normed = ops.add_rms_norm(x, pending, self.input_norm, self.eps)
+        a = self.attn.forward(normed, positions, kv_cache, meta, lora)
         h, normed = ops.add_rms_norm(x, a, self.post_norm, self.eps)  # h = x + a
-        return h + self.mlp.forward(normed, lora)
+        return h, self.mlp.forward(normed, lora)
 
 
 class LlamaModel:
@@ -223,10 +234,16 @@ class LlamaModel:
         """input_ids, positions: [T] -> final hidden states [T, hidden] (after the last norm).
         ``lora``: which adapter slot each row uses (None: every row is the base model's)."""
         x = self.embed_tokens[input_ids]  # [T, hidden]
+        if self.device.type == "cuda":
+            pending: torch.Tensor | None = None
+            for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+                x, pending = layer.forward_fused(x, pending, positions, kv_cache, meta, lora)
+            ops = fused_ops()
+            if pending is None:
+                return ops.rms_norm(x, self.norm, self.arch.rms_norm_eps)
+            return ops.add_rms_norm(x, pending, self.norm, self.arch.rms_norm_eps)[1]
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x = layer.forward(x, positions, kv_cache, meta, lora)
-        if self.device.type == "cuda":
-            return fused_ops().rms_norm(x, self.norm, self.arch.rms_norm_eps)
         return rms_norm(x, self.norm, self.arch.rms_norm_eps)
 
     @torch.inference_mode()

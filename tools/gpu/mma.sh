@@ -2,13 +2,14 @@
 # Device run for the w4a16 tensor-core kernel: build it (the built module comes back gzipped in
 # $OUT, for carrying as .kext/), its GPU tests, with ENGINE=1 the engine benchmark on a
 # synthetic 13B with BACKENDS (default triton,mma), then the layer sweep
-# (tools/gpu/mma_sweep.py) beside exllamav2, cuBLAS fp16 and dequantise+cuBLAS.
+# (tools/gpu/mma_sweep.py) beside exllamav2, cuBLAS fp16 and dequantise+cuBLAS. CASES runs
+# Nsight Compute on single launches first (tools/gpu/mma_ncu.sh); BENCH_ARGS go to the bench.
 # Usage (repo root, device machine, .whl and .ext carried): bash tools/gpu/mma.sh
 set -o pipefail
 source tools/gpu/setup.sh || exit 1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} GPTQ_KERNEL_CACHE=${GPTQ_KERNEL_CACHE:-/tmp/kcache}
 [ -d .kext ] && export PYTHONPATH="$PWD/.kext:$PYTHONPATH"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/env.log"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader  # $OUT brings back 8 files at most
 t0=$(date +%s)
 python3 -c "from engine.model.linear import mma; print(mma.load_ext().__file__)" > "$OUT/build.log" 2>&1 \
     || { tail -40 "$OUT/build.log"; exit 1; }
@@ -20,10 +21,11 @@ timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -x -m cuda $NOCONF -p no:cache
 rc=$?
 grep -E "passed|failed" "$OUT/pytest.log" | tail -2; grep -E "^(FAILED|ERROR)|^E  " "$OUT/pytest.log" | head -12
 [ $rc -ne 0 ] && [ -z "$FORCE" ] && exit 1
+[ -n "$CASES" ] && bash tools/gpu/mma_ncu.sh
 if [ "${ENGINE:-0}" = 1 ]; then
     timeout ${BENCH_TIMEOUT:-300} python3 -m engine.bench.cli engine --synth --model /tmp/13b \
         --new-tokens ${NEW_TOKENS:-128} --backends ${BACKENDS:-triton,mma} \
-        --json-out "$OUT/engine.json" --profile-out "$OUT/profile.txt" > "$OUT/engine.log" 2>&1
+        ${JSON:+--json-out "$OUT/engine.json"} --profile-out "$OUT/profile.txt" $BENCH_ARGS > "$OUT/engine.log" 2>&1
     echo "engine bench rc=$?"
     grep -E "Traceback|Error" "$OUT/engine.log" | head -5
     grep -E "linear [0-9]+x[0-9]+ " "$OUT/engine.log" | cut -c1-220 | head -10

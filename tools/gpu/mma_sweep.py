@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.getcwd(), "tools", "gpu"))
 from engine.bench.ceiling import copy_bandwidth_gbps  # noqa: E402
 from engine.bench.layers import random_gptq_layer  # noqa: E402
 from engine.model.linear import mma  # noqa: E402
-from engine.model.linear.gptq_triton import SplitKWorkspace  # noqa: E402
+from engine.model.linear.gptq_triton import SplitKWorkspace, dequantize_into  # noqa: E402
 from engine.model.linear.plan import Path as PlanPath, PathKind, triton_candidates  # noqa: E402,I001
 from engine.model.linear.triton_backend import MmaLinear, TritonLinear  # noqa: E402
 from w4a16_sweep import graph_time_us  # noqa: E402
@@ -31,6 +31,8 @@ from w4a16_sweep import graph_time_us  # noqa: E402
 OUT = Path(os.environ.get("OUT", "/tmp/out"))
 T0 = time.time()
 SHAPES = ((5120, 15360), (5120, 5120), (5120, 27648), (13824, 5120))  # (in, out): qkv, o, gu, d
+if os.environ.get("SHAPES"):  # e.g. SHAPES=5120x27648,13824x5120
+    SHAPES = tuple(tuple(int(d) for d in s.split("x")) for s in os.environ["SHAPES"].split(","))
 TOKENS = tuple(int(t) for t in os.environ.get("TOKENS", "1,2,4,8,16,32,64,128,256").split(","))
 SMS = torch.cuda.get_device_properties(0).multi_processor_count
 DEV = torch.device("cuda")
@@ -64,8 +66,8 @@ def check() -> None:
             x = torch.randn((m, 5120), generator=gen, device="cuda").half()
             r = x.float() @ ref.t() + w.bias.float()
             splits = [1, 4] if m <= mma.MAX_TOKENS else []
-            for path in [PlanPath(PathKind.MMA, split_k=s, block_n=bn) for s in splits
-                         for bn in mma.BLOCK_N] + [
+            for path in [PlanPath(PathKind.MMA, split_k=s, block_n=bn, k_warps=kw)
+                         for s in splits for bn, kw in mma.GEOMETRIES] + [
                     PlanPath(PathKind.DENSE)]:
                 out = layer.run(path, x)
                 err = ((out.float() - r).norm() / r.norm()).item()
@@ -98,13 +100,19 @@ def sweep_shape(k: int, n: int, ws: SplitKWorkspace, ext) -> None:
         la.workspace = ws
         la.dense = scratch
     dense = [torch.randn((n, k), device="cuda").half() for _ in range(2)]
+    # The dense path's dequantisation alone: ours per block width, the Triton backend's.
+    deq = {f"mma{w}": graph_time_us(lambda w=w: [mma.dequantize_into(la.w, scratch, w)
+                                                 for la in mlayers]) for w in (4, 8, 16)}
+    deq["triton"] = graph_time_us(lambda: [dequantize_into(la.w, scratch) for la in tlayers])
+    results.setdefault("dequant", []).append({"k": k, "n": n, **deq})  # type: ignore[union-attr]
+    log("dequantise", k, n, deq)
     for m in TOKENS:
         x = torch.randn((m, k), device="cuda").half()
         row = {"k": k, "n": n, "m": m, "bytes": mlayers[0].w.nbytes, "mma": {}}
-        for bn in mma.BLOCK_N if m <= mma.MAX_TOKENS else ():
+        for bn, kw in mma.GEOMETRIES if m <= mma.MAX_TOKENS else ():
             for s in mma.split_candidates(m, mlayers[0].w, SMS, bn):
-                p = PlanPath(PathKind.MMA, split_k=s, block_n=bn)
-                row["mma"][f"{bn}/{s}"] = graph_time_us(
+                p = PlanPath(PathKind.MMA, split_k=s, block_n=bn, k_warps=kw)
+                row["mma"][p.describe()[3:]] = graph_time_us(
                     lambda p=p: [la.run(p, x) for la in mlayers])
         p = PlanPath(PathKind.DENSE)
         row["mma_dense"] = graph_time_us(lambda: [la.run(p, x) for la in mlayers])
@@ -132,17 +140,26 @@ def sweep_shape(k: int, n: int, ws: SplitKWorkspace, ext) -> None:
 def summary() -> None:
     print(f"\n## w4a16 per layer call, us ({results['card']}, copy {results['copy_gbps']:.0f} "
           "GB/s); GB/s = packed bytes / best mma time")
-    print("shape          M  mma_best  bn/split  GB/s  exllama  triton   fp16  mma_deq+mm")
+    print("shape          M  mma_best  geometry/split  GB/s  best_k1  exllama  triton   fp16  "
+          "mma_deq+mm")
     for r in results["rows"]:  # type: ignore[union-attr]
         def f(v):
             return f"{v:7.1f}" if isinstance(v, float) else "      -"
         if r["mma"]:
             split, us = min(r["mma"].items(), key=lambda kv: kv[1])
             gbps = r["bytes"] / (us * 1e-6) / 1e9
+            # the best of the geometries without K-sharing warps, for comparison
+            k1 = min((v for key, v in r["mma"].items() if "k" not in key), default=None)
         else:
-            split, us, gbps = "-", None, 0
-        print(f"{r['k']:>5}x{r['n']:<6} {r['m']:>4} {f(us)} {split!s:>9} {gbps:5.0f} "
-              f"{f(r.get('exllama'))} {f(r.get('triton'))} {f(r['fp16'])} {f(r['mma_dense'])}")
+            split, us, gbps, k1 = "-", None, 0, None
+        print(f"{r['k']:>5}x{r['n']:<6} {r['m']:>4} {f(us)} {split!s:>15} {gbps:5.0f} "
+              f"{f(k1)} {f(r.get('exllama'))} {f(r.get('triton'))} {f(r['fp16'])} {f(r['mma_dense'])}")
+    print("\n## dequantisation alone, us a layer (GB/s of fp16 written)")
+    for d in results.get("dequant", []):  # type: ignore[union-attr]
+        written = d["k"] * d["n"] * 2 / 1e3
+        print(f"{d['k']:>5}x{d['n']:<6} " + "  ".join(
+            f"{key} {d[key]:6.1f} ({written / d[key]:4.0f})" for key in ("mma4", "mma8", "mma16",
+                                                                          "triton")))
 
 
 def main() -> None:
@@ -152,7 +169,8 @@ def main() -> None:
     log(f"extension loaded/built in {time.time() - t:.0f} s")
     results["copy_gbps"] = copy_bandwidth_gbps()
     try:
-        check()
+        if os.environ.get("CHECK", "1") == "1":  # CHECK=0: the GPU tests ran just before
+            check()
     except Exception:
         traceback.print_exc()
     ext = None

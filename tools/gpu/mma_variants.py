@@ -30,8 +30,9 @@ T0 = time.time()
 BUILD = """
 import sys
 from torch.utils.cpp_extension import load
+from engine.model.linear import mma
 name, chunks, stages, build, *flags = sys.argv[1:]
-load(name=name, sources=['{src}/w4a16_mma.cu'], extra_include_paths=['{src}'],
+load(name=name, sources=mma.sources(), extra_include_paths=['{src}'],
      extra_cflags=['-O3'], extra_cuda_cflags=['-O3', '--expt-relaxed-constexpr',
      f'-DGPTQ_MMA_STAGE_CHUNKS={{chunks}}', f'-DGPTQ_MMA_STAGES={{stages}}', *flags],
      build_directory=build, verbose=False)
@@ -86,24 +87,24 @@ def main() -> None:
                 chunks = int(v.split("x")[0])  # e.g. "2x4" or "2x4xNO_HINT"
                 stages = -(-k // (64 * chunks))
                 best = None
-                for bn in mma.BLOCK_N:
+                for bn, kw in mma.GEOMETRIES:
                     blocks = -(-n // bn) * -(-m // 64)
                     for s in (1, 2, 3, 4, 6, 8, 12, 16):
                         if s > 1 and (stages // s < 2 or blocks * s > 6 * sms):
                             continue
                         try:
                             out = mod.matmul(x, cw.perm, cw.qweight, cw.meta, 128, None,
-                                             ws.partials, ws.counters, s, bn)
+                                             ws.partials, ws.counters, s, bn, kw)
                             err = ((out.float() - ref).norm() / ref.norm()).item()
-                            assert err < 3e-3, f"{v} {bn}/{s} m={m}: rel err {err:.2e}"
-                            us = graph_time_us(lambda s=s, bn=bn: [mod.matmul(
+                            assert err < 3e-3, f"{v} {bn}k{kw}/{s} m={m}: rel err {err:.2e}"
+                            us = graph_time_us(lambda s=s, bn=bn, kw=kw: [mod.matmul(
                                 x, w.perm, w.qweight, w.meta, 128, None, ws.partials,
-                                ws.counters, s, bn) for w in ws_list])
+                                ws.counters, s, bn, kw) for w in ws_list])
                         except Exception as e:  # noqa: BLE001 - e.g. too much shared memory
-                            print(f"{v} {bn}/{s} m={m}: {str(e)[:160]}")
+                            print(f"{v} {bn}k{kw}/{s} m={m}: {str(e)[:160]}")
                             continue
                         if best is None or us < best[0]:
-                            best = (us, f"{bn}/{s}")
+                            best = (us, f"{bn}k{kw}/{s}")
                 row.append(best)
             table.append(row)
             print(f"[{time.time() - T0:.0f}s]", row, flush=True)

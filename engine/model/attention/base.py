@@ -40,11 +40,12 @@ class AttentionBackend(Protocol):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                meta: AttentionMetadata, scale: float, kv_written: bool = False) -> torch.Tensor:
         """q: [T, H, D], k/v: [T, Hkv, D] -> [T, H, D].
 
-        Writes k/v into the caches at meta.slot_mapping, then attends each query row causally
-        over its sequence's context read through the block table.
+        Writes k/v into the caches at meta.slot_mapping (unless ``kv_written``: the caller's
+        fused rotary kernel did), then attends each query row causally over its sequence's
+        context read through the block table.
         """
         ...
 

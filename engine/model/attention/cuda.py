@@ -35,9 +35,10 @@ class CudaAttentionBackend:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                meta: AttentionMetadata, scale: float, kv_written: bool = False) -> torch.Tensor:
         """q: [T, H, D], k/v: [T, Hkv, D] -> [T, H, D]. See AttentionBackend."""
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if not kv_written:
+            write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.decode_only:
             # max_seq_len may be an upper bound (CUDA-graph capture passes max_model_len).
             parts = decode_num_parts(meta.num_seqs, q.shape[1], meta.max_seq_len,

@@ -3,8 +3,9 @@ repacked once at load into the MMA fragments' order, the only copy of the layer 
 
 Paths per step (timed at load by ``plan.measure_plan``, like the other packed layers):
 
-- ``MMA``: the tensor-core product, blocks of 128 or 256 outputs and 8/16/32/64 tokens, the
-  input dimension split over ``split_k`` blocks when the grid is too small to fill the card;
+- ``MMA``: the tensor-core product, blocks of 128 or 256 outputs (``GEOMETRIES``) and
+  8/16/32/64 tokens, the input dimension split over ``split_k`` blocks when the grid is too
+  small to fill the card;
 - ``DENSE``: dequantise into the shared scratch matrix (or a kept dense copy with
   ``dense_weights``), then cuBLAS: large prefill steps.
 
@@ -36,19 +37,36 @@ EXT_NAME = "gptq_serve_w4a16_mma"
 # Tokens a block (the kernel picks the smallest that holds the step); above 64 a step takes
 # several blocks, each reading the weights again.
 TOKEN_TILES = (8, 16, 32, 64)
-BLOCK_N = (128, 256)  # output rows a block: the kernel's two warp layouts
+# The kernel's block geometries, (output rows a block, warps sharing a tile along K): a warp
+# owns rows * k_warps / 8 output rows. Which is fastest depends on the layer and the step
+# (more blocks stream more weights at few tokens; wider warps reuse each token fragment), so
+# the plan times them all at load; on an H200 each of the four is the best somewhere.
+GEOMETRIES = ((128, 1), (256, 1), (128, 2), (256, 2))
 STAGE_INPUTS = 128  # inputs a pipeline stage; K splits are whole stages
-MAX_TOKENS = 128  # above this the dense path always wins (and the counters are sized for it)
+# Above this the dense path (dequantise, then cuBLAS) is the only candidate; up to it the plan
+# times both (the counters are sized for it). A 512-token prefill chunk reads each weight slice
+# once for its 8 token blocks (neighbours in launch order), where the dense path writes and
+# reads the whole fp16 matrix.
+MAX_TOKENS = 512
+# Warps a block of the dequantisation kernel (it writes 32 bytes a warp of each output row):
+# on an H200 8 wrote 2.8-2.9 TB/s at the 13B shapes, 4 wrote 2.3-2.6, 16 no more than 8.
+DEQUANT_WARPS = 8
 
 # Position p of a word holds bits 4p..4p+3: the A-fragment value at output row
 # g + ROW_OFF[p] and input row 2t + COL_OFF[p] of the 16x16 tile (g = lane / 4, t = lane % 4).
 # Bits 4i and 16 + 4i are the low and high halves of fragment register i (the kernel's
-# ``(word >> 4i) & 0x000F000F``); register i covers rows +8 when i is odd, inputs +8 when i >= 2.
+# bits 0-3 and 16-19 of ``word >> 4i``); register i covers rows +8 when i is odd, inputs +8 when i >= 2.
 ROW_OFF = (0, 8, 0, 8, 0, 8, 0, 8)
 COL_OFF = (0, 0, 8, 8, 1, 1, 9, 9)
 
 _ext: Any = None
 _ext_error: str | None = None
+
+
+def sources() -> list[str]:
+    """The extension's translation units: the binding and one file a block geometry, which
+    ninja compiles in parallel."""
+    return [str(CSRC / "w4a16_mma.cu"), *sorted(str(f) for f in CSRC.glob("w4a16_mma_t*.cu"))]
 
 
 def load_ext() -> Any:
@@ -71,7 +89,7 @@ def load_ext() -> Any:
         build_dir = os.environ.get("GPTQ_KERNEL_CACHE")
         if build_dir:
             FsPath(build_dir).mkdir(parents=True, exist_ok=True)
-        _ext = load(name=EXT_NAME, sources=[str(CSRC / "w4a16_mma.cu")],
+        _ext = load(name=EXT_NAME, sources=sources(),
                     extra_include_paths=[str(CSRC)], extra_cflags=["-O3"],
                     extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"],
                     build_directory=build_dir or None, verbose=False)
@@ -183,7 +201,7 @@ def split_candidates(num_tokens: int, w: MmaWeights, sms: int, block_n: int) -> 
 
 def max_partials(num_tokens: int, w: MmaWeights, sms: int) -> int:
     """fp32 workspace elements the split launches timed at ``num_tokens`` need (0: none)."""
-    split = max(max(split_candidates(num_tokens, w, sms, bn)) for bn in BLOCK_N)
+    split = max(max(split_candidates(num_tokens, w, sms, bn)) for bn, _ in GEOMETRIES)
     return split * num_tokens * w.out_features if split > 1 else 0
 
 
@@ -198,9 +216,12 @@ def sorted_input(x: torch.Tensor, w: MmaWeights) -> torch.Tensor:
 
 
 def matmul(x: torch.Tensor, w: MmaWeights, split_k: int, block_n: int,
-           workspace: SplitKWorkspace | None) -> torch.Tensor:
+           workspace: SplitKWorkspace | None, k_warps: int = 1) -> torch.Tensor:
     """x: [M, in] fp16, columns in checkpoint order -> [M, out] fp16: one launch (act-order
-    layers gather their columns into sorted order first)."""
+    layers gather their columns into sorted order first). (block_n, k_warps): one of
+    ``GEOMETRIES``."""
+    if (block_n, k_warps) not in GEOMETRIES:
+        raise ValueError(f"no block geometry ({block_n}, {k_warps}); one of {GEOMETRIES}")
     if split_k > 1 and workspace is None:
         raise ValueError(f"split_k={split_k} needs a workspace")
     if x.stride(1) != 1:
@@ -208,15 +229,17 @@ def matmul(x: torch.Tensor, w: MmaWeights, split_k: int, block_n: int,
     ws = workspace.partials if workspace is not None else x
     counters = workspace.counters if workspace is not None else x
     return load_ext().matmul(x, w.perm, w.qweight, w.meta, w.group_size, w.bias, ws, counters,
-                             split_k, block_n)
+                             split_k, block_n, k_warps)
 
 
-def dequantize_into(w: MmaWeights, out: torch.Tensor) -> torch.Tensor:
-    """The dense weight [in, out] fp16, rows in sorted order, written into ``out``."""
+def dequantize_into(w: MmaWeights, out: torch.Tensor,
+                    warps: int = DEQUANT_WARPS) -> torch.Tensor:
+    """The dense weight [in, out] fp16, rows in sorted order, written into ``out``; ``warps``
+    (4, 8 or 16) a block of the kernel."""
     if out.shape != (w.in_features, w.out_features) or out.dtype != torch.float16 \
             or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous fp16 [{w.in_features}, {w.out_features}]")
-    load_ext().dequantize(w.qweight, w.meta, w.group_size, out)
+    load_ext().dequantize(w.qweight, w.meta, w.group_size, out, warps)
     return out
 
 

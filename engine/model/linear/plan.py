@@ -47,11 +47,13 @@ class Path:
     kind: PathKind
     config: KernelConfig | None = None  # TRITON only; None: ``default_config``
     split_k: int = 1  # MMA only
-    block_n: int = 128  # MMA only: output rows a block (mma.BLOCK_N)
+    block_n: int = 128  # MMA only: output rows a block and
+    k_warps: int = 1  # warps sharing a tile along K (one of mma.GEOMETRIES)
 
     def describe(self) -> str:
         if self.kind is PathKind.MMA:
-            return f"mma{self.block_n}/{self.split_k}"
+            k = f"k{self.k_warps}" if self.k_warps > 1 else ""
+            return f"mma{self.block_n}{k}/{self.split_k}"
         if self.kind is not PathKind.TRITON or self.config is None:
             return self.kind.value
         c = self.config
@@ -154,7 +156,8 @@ def candidates(layer: PackedLinear, num_tokens: int, sms: int) -> list[Path]:
     paths: list[Path] = []
     if isinstance(layer.w, mma.MmaWeights):
         if num_tokens <= mma.MAX_TOKENS:
-            paths += [Path(PathKind.MMA, split_k=s, block_n=bn) for bn in mma.BLOCK_N
+            paths += [Path(PathKind.MMA, split_k=s, block_n=bn, k_warps=kw)
+                      for bn, kw in mma.GEOMETRIES
                       for s in mma.split_candidates(num_tokens, layer.w, sms, bn)]
     else:
         paths += [Path(PathKind.TRITON, c)

@@ -1,9 +1,10 @@
 """The ``triton`` linear backend: GPTQ weights stay packed on the card, and each layer picks, per
 step size, the fastest of the kernels that read its one resident copy:
 
-- with ``use_mma`` (``--linear-backend mma``), 4-bit layers where the w4a16 tensor-core kernel
-  builds: that kernel, in its own fragment-ordered layout (``MmaLinear``);
-- otherwise (the default, 8-bit layers, or no nvcc): the Triton kernels of ``gptq_triton.py`` (a one-token
+- with ``use_mma`` (the default on CUDA, ``--linear-backend auto`` or ``mma``), 4-bit layers
+  where the w4a16 tensor-core kernel builds: that kernel, in its own fragment-ordered layout
+  (``MmaLinear``);
+- otherwise (``--linear-backend triton``, 8-bit layers, or no nvcc): the Triton kernels of ``gptq_triton.py`` (a one-token
   GEMV and tensor-core products) and exllamav2's 4-bit kernel (``gemm_half_q_half``), both
   reading the layout exllamav2 rewrites its buffers into (``TritonLinear``);
 - either way, dequantise into one shared scratch matrix, then cuBLAS (large prefill steps), or
@@ -173,7 +174,7 @@ class MmaLinear:
             out = torch.mm(mma.sorted_input(x, self.w), dense)
             return out if self.w.bias is None else out + self.w.bias
         assert path.kind is PathKind.MMA
-        return mma.matmul(x, self.w, path.split_k, path.block_n, self.workspace)
+        return mma.matmul(x, self.w, path.split_k, path.block_n, self.workspace, path.k_warps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(self.plan.pick(x.shape[0]), x)
@@ -201,7 +202,7 @@ class TritonLinearBackend:
                  use_exllama: bool = True, use_mma: bool = False) -> None:
         self.device = device
         self.dense_weights = dense_weights
-        # ``mma``: 4-bit layers on the tensor-core kernel where it builds (an opt-in; faster than
+        # ``mma``: 4-bit layers on the tensor-core kernel where it builds (the default; faster than
         # the Triton and exllamav2 kernels at every batch size measured, docs/benchmarks.md).
         self.use_mma = use_mma and mma.available()
         # exllamav2's kernel only serves 4-bit layers, which the tensor-core kernel takes.

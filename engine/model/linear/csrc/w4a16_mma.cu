@@ -4,7 +4,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
-#include "w4a16_mma.cuh"
+#include "w4a16_dequant.cuh"
+#include "w4a16_mma_launch.h"
 
 namespace {
 
@@ -22,63 +23,19 @@ int group_shift(int64_t group, int64_t K) {
   return shift;
 }
 
-template <int NT, int TPW, bool SMALL_GROUPS>
-void launch(const torch::Tensor& x, int shift, const torch::Tensor& qw, const torch::Tensor& meta,
-            const c10::optional<torch::Tensor>& bias, torch::Tensor& out, torch::Tensor& ws,
-            torch::Tensor& counters, int64_t split_k) {
-  using S = gptq_mma::GemmShape<NT, TPW, SMALL_GROUPS>;
-  const auto kernel = gptq_mma::w4a16_gemm_kernel<NT, TPW, SMALL_GROUPS>;
-  static const bool configured = [&] {  // above 48 KiB a kernel must opt in
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        S::kSmemBytes));
-    return true;
-  }();
-  (void)configured;
-  const int M = x.size(0), K = x.size(1), N = out.size(1);
-  dim3 grid((N / 16 + S::kTiles - 1) / S::kTiles, split_k, (M + 8 * NT - 1) / (8 * NT));
-  kernel<<<grid, gptq_mma::kGemmThreads, S::kSmemBytes, at::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const half*>(x.data_ptr<at::Half>()), M, K, x.stride(0),
-      reinterpret_cast<const uint4*>(qw.data_ptr<int32_t>()),
-      reinterpret_cast<const half2*>(meta.data_ptr<at::Half>()), shift,
-      bias ? reinterpret_cast<const half*>(bias->data_ptr<at::Half>()) : nullptr,
-      reinterpret_cast<half*>(out.data_ptr<at::Half>()), N, out.stride(0),
-      ws.data_ptr<float>(), counters.data_ptr<int32_t>(), split_k);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <int TPW, bool SMALL_GROUPS>
-void launch_tokens(const torch::Tensor& x, int shift, const torch::Tensor& qw,
-                   const torch::Tensor& meta, const c10::optional<torch::Tensor>& bias,
-                   torch::Tensor& out, torch::Tensor& ws, torch::Tensor& counters,
-                   int64_t split_k) {
-  const int64_t M = x.size(0);
-  if (M <= 8) launch<1, TPW, SMALL_GROUPS>(x, shift, qw, meta, bias, out, ws, counters, split_k);
-  else if (M <= 16) launch<2, TPW, SMALL_GROUPS>(x, shift, qw, meta, bias, out, ws, counters, split_k);
-  else if (M <= 32) launch<4, TPW, SMALL_GROUPS>(x, shift, qw, meta, bias, out, ws, counters, split_k);
-  else launch<8, TPW, SMALL_GROUPS>(x, shift, qw, meta, bias, out, ws, counters, split_k);
-}
-
-template <int TPW>
-void launch_groups(const torch::Tensor& x, int shift, const torch::Tensor& qw,
-                   const torch::Tensor& meta, const c10::optional<torch::Tensor>& bias,
-                   torch::Tensor& out, torch::Tensor& ws, torch::Tensor& counters,
-                   int64_t split_k) {
-  if (shift < 6) launch_tokens<TPW, true>(x, shift, qw, meta, bias, out, ws, counters, split_k);
-  else launch_tokens<TPW, false>(x, shift, qw, meta, bias, out, ws, counters, split_k);
-}
-
 // Tokens a block for a step of M (the kernel's NT * 8): 8, 16, 32, then 64.
 int64_t tokens_a_block(int64_t M) { return M <= 8 ? 8 : M <= 16 ? 16 : M <= 32 ? 32 : 64; }
 
 // out = x[:, perm] @ W (+ bias): x [M, K] fp16 (columns in checkpoint order; perm int64 [K],
 // the input row of each sorted position, or None), qw int32 [N/16, K/64, 32, 4], meta fp16
-// [groups, N, 2]. block_n: output rows a block (128 or 256). ws: fp32 with >= split_k * M * N
+// [groups, N, 2]. block_n: output rows a block (128 or 256); k_warps: warps sharing a tile
+// along K (1 or 2; a warp owns block_n * k_warps / 8 rows). ws: fp32 with >= split_k * M * N
 // elements and counters: int32 zeros, >= ceil(M / tokens_a_block(M)) * N / 16, when
 // split_k > 1.
 torch::Tensor matmul(torch::Tensor x, c10::optional<torch::Tensor> perm, torch::Tensor qw,
                      torch::Tensor meta, int64_t group, c10::optional<torch::Tensor> bias,
                      torch::Tensor ws, torch::Tensor counters, int64_t split_k,
-                     int64_t block_n) {
+                     int64_t block_n, int64_t k_warps) {
   check(x, torch::kHalf, "x");
   check(qw, torch::kInt32, "qweight");
   check(meta, torch::kHalf, "meta");
@@ -91,6 +48,7 @@ torch::Tensor matmul(torch::Tensor x, c10::optional<torch::Tensor> perm, torch::
               gptq_mma::kStageInputs);
   TORCH_CHECK(split_k >= 1 && split_k <= K / gptq_mma::kStageInputs, "split_k out of range");
   TORCH_CHECK(block_n == 128 || block_n == 256, "block_n must be 128 or 256");
+  TORCH_CHECK(k_warps == 1 || k_warps == 2, "k_warps must be 1 or 2");
   if (bias) check(*bias, torch::kHalf, "bias");
   if (split_k > 1) {
     check(ws, torch::kFloat, "workspace");
@@ -109,26 +67,54 @@ torch::Tensor matmul(torch::Tensor x, c10::optional<torch::Tensor> perm, torch::
   }
   auto out = torch::empty({M, N}, x.options());
   if (M == 0) return out;
-  if (block_n == 128) launch_groups<1>(x, shift, qw, meta, bias, out, ws, counters, split_k);
-  else launch_groups<2>(x, shift, qw, meta, bias, out, ws, counters, split_k);
+  const gptq_mma::GemmArgs args{
+      reinterpret_cast<const half*>(x.data_ptr<at::Half>()), static_cast<int>(M),
+      static_cast<int>(K), static_cast<int>(x.stride(0)),
+      reinterpret_cast<const uint4*>(qw.data_ptr<int32_t>()),
+      reinterpret_cast<const half2*>(meta.data_ptr<at::Half>()), shift,
+      bias ? reinterpret_cast<const half*>(bias->data_ptr<at::Half>()) : nullptr,
+      reinterpret_cast<half*>(out.data_ptr<at::Half>()), static_cast<int>(N),
+      static_cast<int>(out.stride(0)), split_k > 1 ? ws.data_ptr<float>() : nullptr,
+      split_k > 1 ? counters.data_ptr<int32_t>() : nullptr, static_cast<int>(split_k),
+      at::cuda::getCurrentCUDAStream()};
+  // Warp tiles of 1, 2 or 4 sixteen-row tiles: (block_n, k_warps) picks the instantiation.
+  const int tiles_a_warp = static_cast<int>(block_n / 16 * k_warps / gptq_mma::kGemmWarps);
+  cudaError_t err;
+  if (k_warps == 1) err = tiles_a_warp == 1 ? gptq_mma::launch_gemm<1, 1>(args)
+                                            : gptq_mma::launch_gemm<2, 1>(args);
+  else err = tiles_a_warp == 2 ? gptq_mma::launch_gemm<2, 2>(args)
+                               : gptq_mma::launch_gemm<4, 2>(args);
+  C10_CUDA_CHECK(err);
   return out;
 }
 
-// The dense weight [K, N] fp16, rows in sorted order, written into out.
-void dequantize(torch::Tensor qw, torch::Tensor meta, int64_t group, torch::Tensor out) {
+template <int kWarps>
+void launch_dequant(const torch::Tensor& qw, const torch::Tensor& meta, int shift, int64_t K,
+                    int64_t N, torch::Tensor& out) {
+  const int64_t blocks = K / 64 * ((N / 16 + kWarps - 1) / kWarps);
+  gptq_mma::w4a16_dequant_kernel<kWarps><<<blocks, kWarps * 32, 0,
+                                           at::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const uint4*>(qw.data_ptr<int32_t>()),
+      reinterpret_cast<const half2*>(meta.data_ptr<at::Half>()), shift, K, N,
+      reinterpret_cast<half*>(out.data_ptr<at::Half>()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The dense weight [K, N] fp16, rows in sorted order, written into out; warps: 4, 8 or 16 a
+// block (the output tiles each block writes side by side).
+void dequantize(torch::Tensor qw, torch::Tensor meta, int64_t group, torch::Tensor out,
+                int64_t warps) {
   check(qw, torch::kInt32, "qweight");
   check(meta, torch::kHalf, "meta");
   check(out, torch::kHalf, "out");
   const int64_t K = out.size(0), N = out.size(1);
   TORCH_CHECK(out.is_contiguous() && qw.numel() * 8 == K * N, "out does not match qweight");
+  TORCH_CHECK(warps == 4 || warps == 8 || warps == 16, "warps must be 4, 8 or 16");
   const c10::cuda::CUDAGuard guard(qw.device());
-  const int64_t warps = K / 64 * (N / 16);
-  gptq_mma::w4a16_dequant_kernel<<<(warps + gptq_mma::kWarps - 1) / gptq_mma::kWarps,
-                                   gptq_mma::kWarps * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const uint4*>(qw.data_ptr<int32_t>()),
-      reinterpret_cast<const half2*>(meta.data_ptr<at::Half>()), group_shift(group, K), K, N,
-      reinterpret_cast<half*>(out.data_ptr<at::Half>()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int shift = group_shift(group, K);
+  if (warps == 4) launch_dequant<4>(qw, meta, shift, K, N, out);
+  else if (warps == 8) launch_dequant<8>(qw, meta, shift, K, N, out);
+  else launch_dequant<16>(qw, meta, shift, K, N, out);
 }
 
 }  // namespace

@@ -27,21 +27,34 @@
 
 namespace gptq_mma {
 
-constexpr int kWarps = 4;  // warps a block of the dequantisation kernel
-
 __device__ __forceinline__ uint32_t as_u32(half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
 __device__ __forceinline__ half2 as_h2(uint32_t u) { return *reinterpret_cast<half2*>(&u); }
 
-// The four A-fragment registers of one word: rows g (regs 0, 2) and g + 8 (regs 1, 3).
+// The odd registers' zero in the form dequant() takes: 960 - zero', negated for its FMA.
+__device__ __forceinline__ half2 odd_zero(half2 zero) {
+  return __hsub2(__float2half2_rn(960.f), zero);
+}
+
+// The four A-fragment registers of one word: rows g (regs 0, 2) and g + 8 (regs 1, 3). One
+// shift a word: the even registers mask bits 0-3 (and 16-19) of the word or of word >> 8,
+// giving 1024 + q; the odd ones mask bits 4-7 in place, giving 1024 + 16 q, which one FMA by
+// 1/16 with nzero_hi = odd_zero(zero') brings to q - zero' + 1024, the subtraction exact
+// either way (integers below 2048 in fp16), so both round once, by the scale.
 __device__ __forceinline__ void dequant(uint32_t word, half2 zero_lo, half2 scale_lo,
-                                        half2 zero_hi, half2 scale_hi, uint32_t a[4]) {
+                                        half2 nzero_hi, half2 scale_hi, uint32_t a[4]) {
+  const half2 sixteenth = __float2half2_rn(0.0625f);
+  const uint32_t high = word >> 8;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    uint32_t v;  // (w & 0x000F000F) | 0x64006400 in one lop3 (the compiler emits two)
-    asm("lop3.b32 %0, %1, 0x000F000F, 0x64006400, 0xEA;\n" : "=r"(v) : "r"(word >> (4 * i)));
-    const half2 z = (i & 1) ? zero_hi : zero_lo;
-    const half2 s = (i & 1) ? scale_hi : scale_lo;
-    a[i] = as_u32(__hmul2(__hsub2(as_h2(v), z), s));
+    const uint32_t w = i < 2 ? word : high;
+    uint32_t v;  // (w & mask) | 0x64006400 in one lop3
+    if (i & 1) {
+      asm("lop3.b32 %0, %1, 0x00F000F0, 0x64006400, 0xEA;\n" : "=r"(v) : "r"(w));
+      a[i] = as_u32(__hmul2(__hfma2(as_h2(v), sixteenth, nzero_hi), scale_hi));
+    } else {
+      asm("lop3.b32 %0, %1, 0x000F000F, 0x64006400, 0xEA;\n" : "=r"(v) : "r"(w));
+      a[i] = as_u32(__hmul2(__hsub2(as_h2(v), zero_lo), scale_lo));
+    }
   }
 }
 
@@ -56,11 +69,18 @@ __device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], uint3
 
 // ---- The product: a cp.async pipeline through shared memory -------------------------------
 //
-// A block is kGemmWarps warps over ``kTiles = kGemmWarps * TPW`` output tiles (128 or 256
-// rows) and up to 8 NT tokens. It walks its share of K in stages of kStageChunks chunks (128
-// inputs): each stage copies, with cp.async and no registers, the block's weight fragments,
-// the stage's token rows (plain [token][input], read back as B fragments by ldmatrix) and
-// the groups' metadata, kStages - 1 stages ahead of the one being multiplied. Every warp of
+// A block is kGemmWarps warps over ``kTiles = kGemmWarps / KW * TPW`` output tiles (128 or
+// 256 rows) and up to 8 NT tokens. KW is the warps that share a tile along K: with KW = 2
+// each warp multiplies one of a stage's two chunks and the pairs add their sums through
+// shared memory at the end. A warp's tile (16 TPW rows x 8 NT tokens) sets how many MMAs each
+// B fragment read from shared memory feeds; at 32-128 tokens a step those reads, not the
+// weights, bound the product, and KW = 2 lets a warp own 4 tiles (64 rows) while a block
+// still covers 256 rows, as many blocks as the grid needs.
+//
+// A block walks its share of K in stages of kStageChunks chunks (128 inputs): each stage
+// copies, with cp.async and no registers, the block's weight fragments, the stage's token
+// rows (plain [token][input], read back as B fragments by ldmatrix) and the groups'
+// metadata, kStages - 1 stages ahead of the one being multiplied. Every warp of
 // the block shares one copy of the activations, and each A fragment, dequantised once,
 // feeds NT products.
 //
@@ -87,15 +107,26 @@ constexpr int kXRow = kStageInputs + 8;
 
 // SMALL_GROUPS: groups of 16 or 32 inputs (several a 64-input chunk); otherwise a group holds
 // whole chunks (64 inputs up to all of K) and its metadata is read once a chunk.
-template <int NT, int TPW, bool SMALL_GROUPS>
+template <int NT, int TPW, int KW, bool SMALL_GROUPS>
 struct GemmShape {
-  static constexpr int kTiles = kGemmWarps * TPW;
+  static_assert(kStageChunks % KW == 0, "a stage's chunks are shared out whole");
+  static constexpr int kTileWarps = kGemmWarps / KW;  // warps along N
+  static constexpr int kTiles = kTileWarps * TPW;
   static constexpr int kRows = kTiles * 16;
   static constexpr int kWeightBytes = kTiles * kStageChunks * 512;
   static constexpr int kXBytes = 8 * NT * kXRow * 2;
   static constexpr int kMetaGroups = SMALL_GROUPS ? kStageInputs / 16 : kStageChunks;
   static constexpr int kStageBytes = kWeightBytes + kXBytes + kMetaGroups * kRows * 4;
   static constexpr int kSmemBytes = kStages * kStageBytes;
+  // The K-sharing warps' sums, passed through the (drained) pipeline's shared memory.
+  static constexpr int kAccRegs = TPW * NT * 4;
+  static_assert((KW - 1) * kTileWarps * kAccRegs * 32 * 4 <= kSmemBytes, "no room to reduce");
+  // Blocks a multiprocessor the registers must allow (ptxas caps registers to fit them):
+  // one when a warp's accumulators take 64 registers or more (their shared memory allows one
+  // or two blocks, and capped at 128 registers ptxas spills), four for
+  // one-tile warps of 8-16 tokens (64 registers, as many blocks as their shared memory
+  // allows), else two.
+  static constexpr int kMinBlocks = NT * TPW >= 16 ? 1 : (TPW == 1 && NT <= 2) ? 4 : 2;
 };
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -129,28 +160,33 @@ __device__ __forceinline__ void ldsm_x2(uint32_t& r0, uint32_t& r1, uint32_t add
 }
 
 // x: [M, K] fp16, rows 16-byte aligned, columns in sorted order (act-order layers gathered by
-// the caller); out: [M, N] fp16, row stride ldo. Grid: (ceil(N / 16 / kTiles), split_k,
-// ceil(M / (8 NT))); dynamic shared memory GemmShape::kSmemBytes. K: a multiple of
+// the caller); out: [M, N] fp16, row stride ldo. Grid: (ceil(M / (8 NT)), split_k,
+// ceil(N / 16 / kTiles)): the blocks of one weight slice over all the token blocks are
+// neighbours in launch order, so above 64 tokens the slice is read from DRAM about once and
+// from L2 by the others. Dynamic shared memory GemmShape::kSmemBytes. K: a multiple of
 // kStageInputs. group_shift: log2 of the inputs a group (>= 4), or 31 for one group over all
 // of K. split_k <= K / kStageInputs.
-template <int NT, int TPW, bool SMALL_GROUPS>
-__global__ void __launch_bounds__(kGemmThreads)
+template <int NT, int TPW, int KW, bool SMALL_GROUPS>
+__global__ void
+__launch_bounds__(kGemmThreads, (GemmShape<NT, TPW, KW, SMALL_GROUPS>::kMinBlocks))
 w4a16_gemm_kernel(const half* __restrict__ x, int M, int K, int ldx,
                   const uint4* __restrict__ qw, const half2* __restrict__ meta, int group_shift,
                   const half* __restrict__ bias, half* __restrict__ out, int N, int ldo,
                   float* __restrict__ ws, int* __restrict__ counters, int split_k) {
-  using S = GemmShape<NT, TPW, SMALL_GROUPS>;
+  using S = GemmShape<NT, TPW, KW, SMALL_GROUPS>;
   extern __shared__ __align__(16) uint8_t smem[];
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x, lane = tid & 31;
+  // warp: which tiles (rows 16 TPW warp ..) of the block; kw: which chunks of each stage.
+  const int warp = (tid >> 5) % S::kTileWarps, kw = (tid >> 5) / S::kTileWarps;
   const int g = lane >> 2, t = lane & 3;
   const int tiles = N / 16;
-  const int tile0 = blockIdx.x * S::kTiles;
+  const int tile0 = blockIdx.z * S::kTiles;
   const int chunks = K / 64;
   const int units = K / kStageInputs;
   const int split = blockIdx.y;
   const int u_lo = split * units / split_k, u_hi = (split + 1) * units / split_k;
   const int n_stages = u_hi - u_lo;
-  const int m0 = blockIdx.z * 8 * NT;
+  const int m0 = blockIdx.x * 8 * NT;
   const uint32_t smem0 = smem_addr(smem);
 
   // This thread's copies of a stage, as (global address at stage 0, shared offset): weights
@@ -179,6 +215,21 @@ w4a16_gemm_kernel(const half* __restrict__ x, int M, int K, int ldx,
   }
   // Groups a stage: 1 when a group holds a stage or more, else kStageInputs / group.
   const int stage_groups = max(1, kStageInputs >> min(group_shift, 30));
+  // Metadata copies: kRows / 4 sixteen-byte pieces of each of the stage's group rows, at
+  // offsets fixed but for the stage's first group row (computed here once: as a loop at
+  // every stage this address arithmetic was a third of a one-token step's instructions).
+  constexpr int kMetaPieces = S::kMetaGroups * (S::kRows / 4);
+  constexpr int kMCopies = (kMetaPieces + kGemmThreads - 1) / kGemmThreads;
+  int m_off[kMCopies];
+  bool m_on[kMCopies];
+#pragma unroll
+  for (int n = 0; n < kMCopies; ++n) {
+    const int i = tid + n * kGemmThreads;
+    const int gl = i / (S::kRows / 4), v = i % (S::kRows / 4);
+    const int row = tile0 * 16 + v * 4;
+    m_on[n] = i < kMetaPieces && gl < stage_groups && row < N;
+    m_off[n] = gl * N + row;
+  }
 
   auto load_stage = [&](int s) {
     const uint32_t base = smem0 + (s % kStages) * S::kStageBytes;
@@ -194,13 +245,14 @@ w4a16_gemm_kernel(const half* __restrict__ x, int M, int K, int ldx,
                      (i % (kStageChunks * 8)) * 16,
                  x_src[n] + (size_t)s * kStageInputs);
     }
-    const int g_first = ((u_lo + s) * kStageInputs) >> group_shift;
-    for (int i = tid; i < stage_groups * (S::kRows / 4); i += kGemmThreads) {
-      const int gl = i / (S::kRows / 4), v = i % (S::kRows / 4);
-      const int row = tile0 * 16 + v * 4;
-      if (row < N)
-        cp_async(base + S::kWeightBytes + S::kXBytes + (gl * S::kRows + v * 4) * 4,
-                 meta + (size_t)(g_first + gl) * N + row);
+    const half2* m_base = meta + (size_t)(((u_lo + s) * kStageInputs) >> group_shift) * N;
+#pragma unroll
+    for (int n = 0; n < kMCopies; ++n) {
+      const int i = tid + n * kGemmThreads;
+      if (m_on[n])
+        cp_async(base + S::kWeightBytes + S::kXBytes +
+                     ((i / (S::kRows / 4)) * S::kRows + (i % (S::kRows / 4)) * 4) * 4,
+                 m_base + m_off[n]);
     }
   };
 
@@ -235,7 +287,8 @@ w4a16_gemm_kernel(const half* __restrict__ x, int M, int K, int ldx,
     const int k_first = (u_lo + s) * kStageInputs;
     const int g_first = k_first >> group_shift;
 #pragma unroll
-    for (int kk = 0; kk < kStageChunks; ++kk) {
+    for (int kc = 0; kc < kStageChunks / KW; ++kc) {
+      const int kk = kw * (kStageChunks / KW) + kc;
       uint4 wv[TPW];
 #pragma unroll
       for (int i = 0; i < TPW; ++i)
@@ -253,7 +306,7 @@ w4a16_gemm_kernel(const half* __restrict__ x, int M, int K, int ldx,
             scale[i][0] = __low2half2(lo);
             zero[i][0] = __high2half2(lo);
             scale[i][1] = __low2half2(hi);
-            zero[i][1] = __high2half2(hi);
+            zero[i][1] = odd_zero(__high2half2(hi));
           }
         }
         uint32_t b[NT][2];
@@ -279,6 +332,27 @@ w4a16_gemm_kernel(const half* __restrict__ x, int M, int K, int ldx,
     }
   }
   cp_async_wait<0>();
+  if constexpr (KW > 1) {
+    static_assert(KW == 2, "one exchange of sums");
+    __syncthreads();  // every warp is done with the pipeline's shared memory
+    float* red = reinterpret_cast<float*>(smem) + warp * S::kAccRegs * 32 + lane;
+    if (kw == 1) {
+#pragma unroll
+      for (int i = 0; i < TPW; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) red[((i * NT + j) * 4 + e) * 32] = acc[i][j][e];
+    }
+    __syncthreads();
+    if (kw == 1) return;
+#pragma unroll
+    for (int i = 0; i < TPW; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][j][e] += red[((i * NT + j) * 4 + e) * 32];
+  }
 
   // acc[i][j]: (row, token 8j + 2t), (row, 8j + 2t + 1), (row + 8, 8j + 2t), (row + 8, +1)
   const size_t mn = (size_t)M * N;
@@ -310,66 +384,52 @@ w4a16_gemm_kernel(const half* __restrict__ x, int M, int K, int ldx,
       }
     __threadfence();  // this lane's partials are visible before the counter moves
     __syncwarp();
-    int* counter = counters + blockIdx.z * tiles + tile;
+    int* counter = counters + blockIdx.x * tiles + tile;
     int arrived = 0;
     if (lane == 0) arrived = atomicAdd(counter, 1);
     arrived = __shfl_sync(0xffffffffu, arrived, 0);
     if (arrived != split_k - 1) continue;
     __threadfence();  // every other split's partials are visible to the loads below
+    // The partials are added in split order (deterministic whichever block finishes; the
+    // sums reuse acc, whose own split is read back with the rest), kBatch splits' loads
+    // issued before their adds: a few L2 round trips, not one an element (dependent loads
+    // made split-K twice as slow at 64 tokens). kBatch keeps the loads to 16-32 registers.
+    constexpr int kBatch = NT >= 4 ? 1 : 4 / NT;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+    for (int sp0 = 0; sp0 < split_k; sp0 += kBatch) {
+      float part[kBatch][NT][4];
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int m = m0 + 8 * j + 2 * t + (e & 1);
+            const int r = row + ((e & 2) ? 8 : 0);
+            part[b][j][e] = sp0 + b < split_k && m < M
+                                ? __ldcg(ws + (sp0 + b) * mn + (size_t)m * N + r)
+                                : 0.f;
+          }
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b)
+        if (sp0 + b < split_k)
+#pragma unroll
+          for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] += part[b][j][e];
+    }
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int m = m0 + 8 * j + 2 * t + (e & 1);
         const int r = row + ((e & 2) ? 8 : 0);
-        if (m >= M) continue;
-        float total = 0.f;
-        for (int sp = 0; sp < split_k; ++sp) total += __ldcg(ws + sp * mn + (size_t)m * N + r);
-        out[(size_t)m * ldo + r] = __float2half(total + ((e & 2) ? bias_hi : bias_lo));
+        if (m < M) out[(size_t)m * ldo + r] = __float2half(acc[i][j][e] + ((e & 2) ? bias_hi : bias_lo));
       }
     if (lane == 0) *counter = 0;
-  }
-}
-
-// The dense weight, transposed: out [K, N] fp16 (rows in sorted order). One warp a (tile,
-// chunk): its 64 x 16 values decoded into shared memory, then written a 32-byte row at a time.
-__global__ void __launch_bounds__(kWarps * 32)
-w4a16_dequant_kernel(const uint4* __restrict__ qw, const half2* __restrict__ meta,
-                     int group_shift, int K, int N, half* __restrict__ out) {
-  __shared__ half stage[kWarps][64][16];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int chunks = K / 64;
-  const size_t tc = (size_t)blockIdx.x * kWarps + warp;  // tile * chunks + chunk
-  if (tc >= (size_t)(N / 16) * chunks) return;
-  const int tile = tc / chunks, c = tc % chunks;
-  const int g = lane >> 2, t = lane & 3;
-  const int row = tile * 16 + g;
-  const uint4 w = qw[tc * 32 + lane];
-  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-  for (int s = 0; s < 4; ++s) {
-    const int k0 = c * 64 + s * 16;
-    const half2 m_lo = meta[(size_t)(k0 >> group_shift) * N + row];
-    const half2 m_hi = meta[(size_t)(k0 >> group_shift) * N + row + 8];
-    uint32_t a[4];
-    dequant(words[s], __high2half2(m_lo), __low2half2(m_lo), __high2half2(m_hi),
-            __low2half2(m_hi), a);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const half2 v = as_h2(a[i]);
-      const int r = g + ((i & 1) ? 8 : 0);
-      const int k = s * 16 + 2 * t + ((i & 2) ? 8 : 0);
-      stage[warp][k][r] = __low2half(v);
-      stage[warp][k + 1][r] = __high2half(v);
-    }
-  }
-  __syncwarp();
-  // 64 rows of 16 halves = 2 KiB: each lane writes 16 bytes, 8 lanes a 32-byte row... twice.
-#pragma unroll
-  for (int p = 0; p < 4; ++p) {
-    const int k = p * 16 + (lane >> 1), half_row = lane & 1;
-    const uint4 v = *reinterpret_cast<const uint4*>(&stage[warp][k][half_row * 8]);
-    *reinterpret_cast<uint4*>(out + (size_t)(c * 64 + k) * N + tile * 16 + half_row * 8) = v;
   }
 }
 

@@ -1,0 +1,32 @@
+// The launcher of the w4a16 product, one explicit instantiation a block geometry (the
+// w4a16_mma_t*k*.cu files, compiled in parallel); the torch binding (w4a16_mma.cu) calls it
+// with plain pointers, so the geometry files need no torch headers.
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace gptq_mma {
+
+struct GemmArgs {
+  const half* x;  // [M, K], row stride ldx, rows 16-byte aligned, columns in sorted order
+  int M, K, ldx;
+  const uint4* qw;  // [N/16][K/64][32][4] words
+  const half2* meta;  // [groups][N]
+  int group_shift;  // log2 of the inputs a group, 31: one group
+  const half* bias;  // [N] or null
+  half* out;  // [M, N], row stride ldo
+  int N, ldo;
+  float* ws;  // split_k > 1: >= split_k * M * N floats
+  int* counters;  // split_k > 1: zeros, >= blocks along M * N / 16
+  int split_k;
+  cudaStream_t stream;
+};
+
+// TPW: output tiles (16 rows) a warp; KW: warps sharing a tile along K (1 or 2). The block
+// covers 16 * TPW * 8 / KW rows.
+template <int TPW, int KW>
+cudaError_t launch_gemm(const GemmArgs& a);
+
+}  // namespace gptq_mma

@@ -1,0 +1,4 @@
+// Blocks of 256 output rows, 2 tile(s) a warp, 1 warp(s) along K.
+#include "w4a16_mma_gemm.cuh"
+
+template cudaError_t gptq_mma::launch_gemm<2, 1>(const gptq_mma::GemmArgs&);

@@ -1,0 +1,4 @@
+// Blocks of 128 output rows, 2 tile(s) a warp, 2 warp(s) along K.
+#include "w4a16_mma_gemm.cuh"
+
+template cudaError_t gptq_mma::launch_gemm<2, 2>(const gptq_mma::GemmArgs&);

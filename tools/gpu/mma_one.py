@@ -1,0 +1,60 @@
+"""Device run: one w4a16 tensor-core launch configuration, for Nsight Compute. Times every K
+split of the case (CUDA events, 50 launches each), prints them, then runs the chosen (or
+fastest) split three times inside the NVTX range "profile", which tools/gpu/mma_ncu.sh
+profiles.
+Usage: python3 tools/gpu/mma_one.py IN OUT TOKENS BLOCK_N K_WARPS [SPLIT]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.getcwd())
+from engine.bench.layers import random_gptq_layer  # noqa: E402
+from engine.model.linear import mma  # noqa: E402
+from engine.model.linear.gptq_triton import SplitKWorkspace  # noqa: E402
+from engine.model.linear.plan import Path, PathKind  # noqa: E402
+from engine.model.linear.triton_backend import MmaLinear  # noqa: E402
+
+
+def event_us(fn, reps: int = 50) -> float:
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / reps
+
+
+def main() -> None:
+    k, n, m, block_n, k_warps = (int(a) for a in sys.argv[1:6])
+    chosen = int(sys.argv[6]) if len(sys.argv) > 6 else 0
+    dev = torch.device("cuda")
+    w, _ = random_gptq_layer(k, n, 4, 128, False, torch.Generator(device="cuda").manual_seed(0))
+    layer = MmaLinear(w, dev)
+    layer.workspace = SplitKWorkspace(64 << 20, 1 << 16, dev)
+    x = torch.randn((m, k), device="cuda").half()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    times = {}
+    for split in mma.split_candidates(m, layer.w, sms, block_n):
+        p = Path(PathKind.MMA, split_k=split, block_n=block_n, k_warps=k_warps)
+        times[split] = event_us(lambda p=p: layer.run(p, x))
+    best = chosen or min(times, key=times.get)
+    print(f"case {k}x{n} M={m} geometry {block_n}k{k_warps}: "
+          + ", ".join(f"split {s} {t:.1f} us" for s, t in times.items()) + f"; profiled {best}")
+    p = Path(PathKind.MMA, split_k=best, block_n=block_n, k_warps=k_warps)
+    torch.cuda.synchronize()
+    torch.cuda.nvtx.range_push("profile")
+    for _ in range(3):
+        layer.run(p, x)
+    torch.cuda.synchronize()
+    torch.cuda.nvtx.range_pop()
+
+
+if __name__ == "__main__":
+    main()
