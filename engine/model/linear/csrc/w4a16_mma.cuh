@@ -1,4 +1,4 @@
-// w4a16 matrix products on the tensor cores (mma.sync m16n8k16), for steps of 1 to 128 tokens.
+// w4a16 matrix products on the tensor cores (mma.sync m16n8k16), for steps of 1 to 512 tokens.
 //
 // The product is computed transposed, out^T = W^T x^T: the weights are the MMA's A operand
 // (16 output features x 16 input rows a fragment) and the tokens its N side (8 a tile), so a
@@ -73,9 +73,9 @@ __device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], uint3
 // 256 rows) and up to 8 NT tokens. KW is the warps that share a tile along K: with KW = 2
 // each warp multiplies one of a stage's two chunks and the pairs add their sums through
 // shared memory at the end. A warp's tile (16 TPW rows x 8 NT tokens) sets how many MMAs each
-// B fragment read from shared memory feeds; at 32-128 tokens a step those reads, not the
-// weights, bound the product, and KW = 2 lets a warp own 4 tiles (64 rows) while a block
-// still covers 256 rows, as many blocks as the grid needs.
+// B fragment read from shared memory feeds; KW = 2 lets a warp own 4 tiles (64 rows) while a
+// block still covers 256 rows. (At 64-128 tokens Nsight Compute puts the limit on mma.sync's
+// throughput, not on those reads: the geometries differ by 1-2 us; the plan picks.)
 //
 // A block walks its share of K in stages of kStageChunks chunks (128 inputs): each stage
 // copies, with cp.async and no registers, the block's weight fragments, the stage's token
