@@ -47,8 +47,9 @@ class Settings(BaseSettings):
     linear_backend: Literal["auto", "torch", "triton", "mma", "exllama"] = Field(
         "auto", description="Quantised matmul backend (auto: mma on CUDA, torch on CPU). "
         "mma: 4-bit layers on the w4a16 tensor-core kernel (built with nvcc on first use, "
-        "prebuilt in the image; faster than triton at every batch size measured, see "
-        "docs/benchmarks.md), 8-bit layers, and every layer where the kernel cannot be built, "
+        "prebuilt in the image; on H100/H200 also its wgmma form, timed per step size at "
+        "load; faster than triton at every batch size measured, see docs/benchmarks.md), "
+        "8-bit layers, and every layer where the kernel cannot be built, "
         "as triton; triton: Triton GPTQ kernels for 4 and 8 bits, with exllamav2's 4-bit "
         "kernel where it measures faster; exllama: exllamav2's kernel only (4-bit).")
     dense_weights: bool = Field(False, description="Also keep a dense fp16 copy of every "

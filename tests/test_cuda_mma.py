@@ -57,6 +57,12 @@ def test_every_path_matches_reference(mma, layout, shape) -> None:
             splits = mma.split_candidates(t, layer.w, num_sms(), bn)
             paths += [Path(PathKind.MMA, split_k=s, block_n=bn, k_warps=kw)
                       for s in {splits[0], splits[-1]}]
+        # The wgmma form at every token count (below its plan's minimum too: the padding
+        # rows of a 64-token block must not leak into the output).
+        for bn in mma.WGMMA_BLOCKS if t <= mma.MAX_TOKENS and mma.wgmma_available() else ():
+            splits = mma.wgmma_split_candidates(t, layer.w, num_sms(), bn)
+            paths += [Path(PathKind.WGMMA, split_k=s, block_n=bn)
+                      for s in {splits[0], splits[-1]}]
         for path in paths + [Path(PathKind.DENSE)]:
             out = layer.run(path, x)
             assert out.shape == (t, shape[1])
@@ -65,6 +71,13 @@ def test_every_path_matches_reference(mma, layout, shape) -> None:
                 # The last block of a tile adds the partials in split order: bit-stable.
                 assert torch.equal(out, layer.run(path, x)), (t, path)
     assert int(workspace.counters.abs().sum()) == 0, "a split tile's counter was not reset"
+
+
+def test_wgmma_is_built_for_hopper(mma) -> None:
+    """On a compute-capability-9.0 card (H100, H200) the module holds the wgmma kernel: the
+    build compiled 9.0 as 9.0a. Elsewhere the kernel must say it is absent."""
+    expected = torch.cuda.get_device_capability() == (9, 0)
+    assert mma.wgmma_available() is expected
 
 
 def test_resident_bytes_stay_near_the_checkpoint(mma) -> None:
@@ -102,7 +115,7 @@ def test_backend_plan_and_graph_replay(mma) -> None:
             x = torch.randn((t, layer.in_features), generator=gen, device="cuda").half()
             assert rel_err(layer.forward(x), x.float() @ w_ref.t()) < 3e-3, t
     layer, _ = layers[2]
-    for t in (1, 4, 16, 32):
+    for t in (1, 4, 16, 32, 64, 128):
         x = torch.randn((t, 5120), generator=gen, device="cuda").half()
         eager = layer.forward(x)
         graph = torch.cuda.CUDAGraph()
@@ -110,7 +123,7 @@ def test_backend_plan_and_graph_replay(mma) -> None:
             captured = layer.forward(x)
         graph.replay()
         torch.cuda.synchronize()
-        if layer.plan.pick(t).kind is PathKind.MMA:
+        if layer.plan.pick(t).kind in (PathKind.MMA, PathKind.WGMMA):
             assert torch.equal(captured, eager), t
         else:
             assert rel_err(captured, eager.float()) < 3e-3, t

@@ -89,6 +89,32 @@ def test_token_tiles_and_splits() -> None:
     assert max(mma.split_candidates(1, wb, sms=8, block_n=128)) <= 6 * 8 // (2048 // 128)
 
 
+def test_wgmma_token_blocks_and_splits() -> None:
+    assert [mma.wgmma_token_block(t) for t in (16, 64, 65, 128, 512)] == [64, 64, 128, 128, 128]
+    gen = torch.Generator().manual_seed(8)
+    weights, _ = random_gptq_layer(5120, 5120, 4, 128, False, gen, device="cpu")
+    w = mma.repack(weights, torch.device("cpu"))
+    # 128-token blocks: a 512-token step is 4 blocks along M, not 8, so splits stay allowed
+    # longer, and the workspace is sized for the larger of the two kernels' splits.
+    for t in (64, 128, 512):
+        for bn in mma.WGMMA_BLOCKS:
+            wg = mma.wgmma_split_candidates(t, w, 132, bn)
+            assert wg[0] == 1 and set(mma.split_candidates(t, w, 132, bn)) <= set(wg)
+            assert mma.max_partials(t, w, 132) >= max(wg) * t * 5120 or max(wg) == 1
+
+
+def test_build_targets_hopper_as_sm90a() -> None:
+    """wgmma exists only in sm_90a code: a 9.0 target is built as 9.0a, and a 9.0+PTX one
+    keeps its portable PTX beside it; other targets are left as given."""
+    assert mma.build_arch_list("8.0 8.6 8.9 9.0") == "8.0 8.6 8.9 9.0a"
+    assert mma.build_arch_list("8.0;9.0") == "8.0 9.0a"
+    assert mma.build_arch_list("9.0+PTX") == "9.0a 9.0+PTX"
+    assert mma.build_arch_list("9.0a 9.0") == "9.0a"
+    assert mma.build_arch_list("8.9 10.0") == "8.9 10.0"
+    if not torch.cuda.is_available():
+        assert mma.build_arch_list(None) is None  # torch's own default applies
+
+
 def test_kernel_sources_ship_with_the_package() -> None:
     """The kernel compiles from its sources at first use: a wheel without them could not."""
     import fnmatch

@@ -4,6 +4,7 @@
 # synthetic 13B with BACKENDS (default triton,mma), then the layer sweep
 # (tools/gpu/mma_sweep.py) beside exllamav2, cuBLAS fp16 and dequantise+cuBLAS. CASES runs
 # Nsight Compute on single launches first (tools/gpu/mma_ncu.sh); BENCH_ARGS go to the bench.
+# EXT_BG=1 EXT_JOBS=8: exllamav2's extension builds beside ours and the tests (setup.sh).
 # Usage (repo root, device machine, .whl and .ext carried): bash tools/gpu/mma.sh
 set -o pipefail
 source tools/gpu/setup.sh || exit 1
@@ -22,6 +23,7 @@ rc=$?
 grep -E "passed|failed" "$OUT/pytest.log" | tail -2; grep -E "^(FAILED|ERROR)|^E  " "$OUT/pytest.log" | head -12
 [ $rc -ne 0 ] && [ -z "$FORCE" ] && exit 1
 [ -n "$CASES" ] && bash tools/gpu/mma_ncu.sh
+[ -n "$EXT_PID" ] && wait "$EXT_PID"  # exllamav2's extension, built in the background (EXT_BG)
 if [ "${ENGINE:-0}" = 1 ]; then
     timeout ${BENCH_TIMEOUT:-300} python3 -m engine.bench.cli engine --synth --model /tmp/13b \
         --new-tokens ${NEW_TOKENS:-128} --backends ${BACKENDS:-triton,mma} \

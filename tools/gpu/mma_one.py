@@ -3,6 +3,7 @@ split of the case (CUDA events, 50 launches each), prints them, then runs the ch
 fastest) split three times inside the NVTX range "profile", which tools/gpu/mma_ncu.sh
 profiles.
 Usage: python3 tools/gpu/mma_one.py IN OUT TOKENS BLOCK_N K_WARPS [SPLIT]
+(K_WARPS "w": the wgmma kernel with blocks of BLOCK_N rows.)
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ def event_us(fn, reps: int = 50) -> float:
 
 
 def main() -> None:
-    k, n, m, block_n, k_warps = (int(a) for a in sys.argv[1:6])
+    k, n, m, block_n = (int(a) for a in sys.argv[1:5])
+    wg = sys.argv[5] == "w"
+    k_warps = 1 if wg else int(sys.argv[5])
     chosen = int(sys.argv[6]) if len(sys.argv) > 6 else 0
     dev = torch.device("cuda")
     w, _ = random_gptq_layer(k, n, 4, 128, False, torch.Generator(device="cuda").manual_seed(0))
@@ -41,13 +44,20 @@ def main() -> None:
     x = torch.randn((m, k), device="cuda").half()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     times = {}
-    for split in mma.split_candidates(m, layer.w, sms, block_n):
-        p = Path(PathKind.MMA, split_k=split, block_n=block_n, k_warps=k_warps)
+    def path(split: int) -> Path:
+        if wg:
+            return Path(PathKind.WGMMA, split_k=split, block_n=block_n)
+        return Path(PathKind.MMA, split_k=split, block_n=block_n, k_warps=k_warps)
+
+    splits = (mma.wgmma_split_candidates(m, layer.w, sms, block_n) if wg
+              else mma.split_candidates(m, layer.w, sms, block_n))
+    for split in splits:
+        p = path(split)
         times[split] = event_us(lambda p=p: layer.run(p, x))
     best = chosen or min(times, key=times.get)
-    print(f"case {k}x{n} M={m} geometry {block_n}k{k_warps}: "
+    print(f"case {k}x{n} M={m} geometry {block_n}{'w' if wg else f'k{k_warps}'}: "
           + ", ".join(f"split {s} {t:.1f} us" for s, t in times.items()) + f"; profiled {best}")
-    p = Path(PathKind.MMA, split_k=best, block_n=block_n, k_warps=k_warps)
+    p = path(best)
     torch.cuda.synchronize()
     torch.cuda.nvtx.range_push("profile")
     for _ in range(3):

@@ -66,9 +66,11 @@ def check() -> None:
             x = torch.randn((m, 5120), generator=gen, device="cuda").half()
             r = x.float() @ ref.t() + w.bias.float()
             splits = [1, 4] if m <= mma.MAX_TOKENS else []
+            wg = mma.WGMMA_BLOCKS if m <= mma.MAX_TOKENS and mma.wgmma_available() else ()
             for path in [PlanPath(PathKind.MMA, split_k=s, block_n=bn, k_warps=kw)
                          for s in splits for bn, kw in mma.GEOMETRIES] + [
-                    PlanPath(PathKind.DENSE)]:
+                    PlanPath(PathKind.WGMMA, split_k=s, block_n=bn)
+                    for s in splits for bn in wg] + [PlanPath(PathKind.DENSE)]:
                 out = layer.run(path, x)
                 err = ((out.float() - r).norm() / r.norm()).item()
                 worst = max(worst, err)
@@ -101,11 +103,12 @@ def sweep_shape(k: int, n: int, ws: SplitKWorkspace, ext) -> None:
         la.dense = scratch
     dense = [torch.randn((n, k), device="cuda").half() for _ in range(2)]
     # The dense path's dequantisation alone: ours per block width, the Triton backend's.
-    deq = {f"mma{w}": graph_time_us(lambda w=w: [mma.dequantize_into(la.w, scratch, w)
-                                                 for la in mlayers]) for w in (4, 8, 16)}
-    deq["triton"] = graph_time_us(lambda: [dequantize_into(la.w, scratch) for la in tlayers])
-    results.setdefault("dequant", []).append({"k": k, "n": n, **deq})  # type: ignore[union-attr]
-    log("dequantise", k, n, deq)
+    if os.environ.get("DEQUANT", "1") == "1":
+        deq = {f"mma{w}": graph_time_us(lambda w=w: [mma.dequantize_into(la.w, scratch, w)
+                                                     for la in mlayers]) for w in (4, 8, 16)}
+        deq["triton"] = graph_time_us(lambda: [dequantize_into(la.w, scratch) for la in tlayers])
+        results.setdefault("dequant", []).append({"k": k, "n": n, **deq})  # type: ignore[union-attr]
+        log("dequantise", k, n, deq)
     for m in TOKENS:
         x = torch.randn((m, k), device="cuda").half()
         row = {"k": k, "n": n, "m": m, "bytes": mlayers[0].w.nbytes, "mma": {}}
@@ -113,6 +116,12 @@ def sweep_shape(k: int, n: int, ws: SplitKWorkspace, ext) -> None:
             for s in mma.split_candidates(m, mlayers[0].w, SMS, bn):
                 p = PlanPath(PathKind.MMA, split_k=s, block_n=bn, k_warps=kw)
                 row["mma"][p.describe()[3:]] = graph_time_us(
+                    lambda p=p: [la.run(p, x) for la in mlayers])
+        row["wgmma"] = {}
+        for bn in mma.WGMMA_BLOCKS if m <= mma.MAX_TOKENS and mma.wgmma_available() else ():
+            for s in mma.wgmma_split_candidates(m, mlayers[0].w, SMS, bn):
+                p = PlanPath(PathKind.WGMMA, split_k=s, block_n=bn)
+                row["wgmma"][p.describe()[5:]] = graph_time_us(
                     lambda p=p: [la.run(p, x) for la in mlayers])
         p = PlanPath(PathKind.DENSE)
         row["mma_dense"] = graph_time_us(lambda: [la.run(p, x) for la in mlayers])
@@ -140,8 +149,8 @@ def sweep_shape(k: int, n: int, ws: SplitKWorkspace, ext) -> None:
 def summary() -> None:
     print(f"\n## w4a16 per layer call, us ({results['card']}, copy {results['copy_gbps']:.0f} "
           "GB/s); GB/s = packed bytes / best mma time")
-    print("shape          M  mma_best  geometry/split  GB/s  best_k1  exllama  triton   fp16  "
-          "mma_deq+mm")
+    print("shape          M  mma_best  geometry/split  GB/s  best_k1    wgmma  block/split  "
+          "exllama  triton   fp16  mma_deq+mm")
     for r in results["rows"]:  # type: ignore[union-attr]
         def f(v):
             return f"{v:7.1f}" if isinstance(v, float) else "      -"
@@ -152,8 +161,11 @@ def summary() -> None:
             k1 = min((v for key, v in r["mma"].items() if "k" not in key), default=None)
         else:
             split, us, gbps, k1 = "-", None, 0, None
+        wsplit, wus = min(r["wgmma"].items(), key=lambda kv: kv[1]) if r.get("wgmma") \
+            else ("-", None)
         print(f"{r['k']:>5}x{r['n']:<6} {r['m']:>4} {f(us)} {split!s:>15} {gbps:5.0f} "
-              f"{f(k1)} {f(r.get('exllama'))} {f(r.get('triton'))} {f(r['fp16'])} {f(r['mma_dense'])}")
+              f"{f(k1)} {f(wus)} {wsplit!s:>12} {f(r.get('exllama'))} {f(r.get('triton'))} "
+              f"{f(r['fp16'])} {f(r['mma_dense'])}")
     print("\n## dequantisation alone, us a layer (GB/s of fp16 written)")
     for d in results.get("dequant", []):  # type: ignore[union-attr]
         written = d["k"] * d["n"] * 2 / 1e3

@@ -3,9 +3,12 @@ repacked once at load into the MMA fragments' order, the only copy of the layer 
 
 Paths per step (timed at load by ``plan.measure_plan``, like the other packed layers):
 
-- ``MMA``: the tensor-core product, blocks of 128 or 256 outputs (``GEOMETRIES``) and
-  8/16/32/64 tokens, the input dimension split over ``split_k`` blocks when the grid is too
-  small to fill the card;
+- ``MMA``: the tensor-core product on mma.sync, blocks of 128 or 256 outputs
+  (``GEOMETRIES``) and 8/16/32/64 tokens, the input dimension split over ``split_k`` blocks
+  when the grid is too small to fill the card;
+- ``WGMMA``: the same product on Hopper's warpgroup MMA (H100/H200: the module built for
+  sm_90a), blocks of 128 or 256 outputs (``WGMMA_BLOCKS``) and 64 or 128 tokens, from
+  ``WGMMA_MIN_TOKENS``: at 64-128 tokens mma.sync's throughput bounds the other kernel;
 - ``DENSE``: dequantise into the shared scratch matrix (or a kept dense copy with
   ``dense_weights``), then cuBLAS: large prefill steps.
 
@@ -13,7 +16,9 @@ A prebuilt module named ``gptq_serve_w4a16_mma`` on the path is imported as is (
 image builds one ahead of time: Dockerfile, ``python -m engine.model.linear.mma --install``);
 otherwise the extension is compiled on first use with torch's JIT builder (nvcc, about a
 minute) and cached in ``$GPTQ_KERNEL_CACHE`` (default: torch's extension cache), so restarts
-load it.
+load it. Either way the build targets ``TORCH_CUDA_ARCH_LIST`` (default: the GPU present) with
+9.0 compiled as 9.0a (``build_arch_list``): wgmma exists only in sm_90a code, which every
+compute-capability-9.0 card runs.
 """
 
 from __future__ import annotations
@@ -51,6 +56,11 @@ MAX_TOKENS = 512
 # Warps a block of the dequantisation kernel (it writes 32 bytes a warp of each output row):
 # on an H200 8 wrote 2.8-2.9 TB/s at the 13B shapes, 4 wrote 2.3-2.6, 16 no more than 8.
 DEQUANT_WARPS = 8
+# The wgmma kernel's block widths (output rows; each warp of its two warpgroups owns rows / 128
+# sixteen-row tiles) and the smallest step it is timed at: below 16 tokens its 64-token
+# blocks would mostly multiply padding, where the mma.sync kernel is bound by weight reads.
+WGMMA_BLOCKS = (128, 256)
+WGMMA_MIN_TOKENS = 16
 
 # Position p of a word holds bits 4p..4p+3: the A-fragment value at output row
 # g + ROW_OFF[p] and input row 2t + COL_OFF[p] of the 16x16 tile (g = lane / 4, t = lane % 4).
@@ -66,7 +76,29 @@ _ext_error: str | None = None
 def sources() -> list[str]:
     """The extension's translation units: the binding and one file a block geometry, which
     ninja compiles in parallel."""
-    return [str(CSRC / "w4a16_mma.cu"), *sorted(str(f) for f in CSRC.glob("w4a16_mma_t*.cu"))]
+    return [str(CSRC / "w4a16_mma.cu"), *sorted(str(f) for f in CSRC.glob("w4a16_mma_t*.cu")),
+            *sorted(str(f) for f in CSRC.glob("w4a16_wgmma_t*.cu"))]
+
+
+def build_arch_list(arch_list: str | None) -> str | None:
+    """The architectures to build for: ``arch_list`` (TORCH_CUDA_ARCH_LIST's syntax; None: the
+    GPUs present, as torch picks them) with 9.0 as 9.0a, whose code holds the wgmma kernel.
+    A "9.0+PTX" entry keeps its portable PTX beside the 9.0a code."""
+    if arch_list is None:
+        if not torch.cuda.is_available():
+            return None
+        caps = sorted({torch.cuda.get_device_capability(i)
+                       for i in range(torch.cuda.device_count())})
+        arch_list = " ".join(f"{major}.{minor}" for major, minor in caps)
+    out: list[str] = []
+    for arch in arch_list.replace(";", " ").split():
+        if arch == "9.0":
+            arch = "9.0a"
+        elif arch == "9.0+PTX":
+            out.append("9.0a")
+        if arch not in out:
+            out.append(arch)
+    return " ".join(out)
 
 
 def load_ext() -> Any:
@@ -89,10 +121,20 @@ def load_ext() -> Any:
         build_dir = os.environ.get("GPTQ_KERNEL_CACHE")
         if build_dir:
             FsPath(build_dir).mkdir(parents=True, exist_ok=True)
-        _ext = load(name=EXT_NAME, sources=sources(),
-                    extra_include_paths=[str(CSRC)], extra_cflags=["-O3"],
-                    extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"],
-                    build_directory=build_dir or None, verbose=False)
+        given = os.environ.get("TORCH_CUDA_ARCH_LIST")
+        arch_list = build_arch_list(given)
+        if arch_list is not None:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+        try:
+            _ext = load(name=EXT_NAME, sources=sources(),
+                        extra_include_paths=[str(CSRC)], extra_cflags=["-O3"],
+                        extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"],
+                        build_directory=build_dir or None, verbose=False)
+        finally:
+            if given is None:
+                os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+            else:
+                os.environ["TORCH_CUDA_ARCH_LIST"] = given
     except Exception as e:  # no nvcc, no GPU: the caller falls back to other kernels
         _ext_error = f"the w4a16 tensor-core kernel could not be built: {e}"
         raise RuntimeError(_ext_error) from e
@@ -105,6 +147,14 @@ def available() -> bool:
         return True
     except RuntimeError as e:
         log.info("%s; using the Triton and exllamav2 kernels", e)
+        return False
+
+
+def wgmma_available() -> bool:
+    """Whether the wgmma kernel runs here: the module holds sm_90a code and the GPU runs it."""
+    try:
+        return bool(load_ext().wgmma_available())
+    except RuntimeError:
         return False
 
 
@@ -187,11 +237,18 @@ def token_tile(num_tokens: int) -> int:
     return TOKEN_TILES[-1]
 
 
-def split_candidates(num_tokens: int, w: MmaWeights, sms: int, block_n: int) -> list[int]:
-    """The K splits worth timing for blocks of ``block_n`` outputs: from none up to about six
-    blocks a multiprocessor (the most that fit), each split keeping >= 2 pipeline stages."""
+def wgmma_token_block(num_tokens: int) -> int:
+    """The wgmma kernel's tokens a block for a step of ``num_tokens``."""
+    return 64 if num_tokens <= 64 else 128
+
+
+def split_candidates(num_tokens: int, w: MmaWeights, sms: int, block_n: int,
+                     token_block: int = TOKEN_TILES[-1]) -> list[int]:
+    """The K splits worth timing for blocks of ``block_n`` outputs and up to ``token_block``
+    tokens: from none up to about six blocks a multiprocessor (the most that fit), each split
+    keeping >= 2 pipeline stages."""
     stages = w.in_features // STAGE_INPUTS
-    blocks = -(-w.out_features // block_n) * -(-num_tokens // TOKEN_TILES[-1])
+    blocks = -(-w.out_features // block_n) * -(-num_tokens // token_block)
     out = [1]
     for split in (2, 3, 4, 6, 8, 12, 16):
         if stages // split >= 2 and blocks * split <= 6 * sms:
@@ -199,9 +256,15 @@ def split_candidates(num_tokens: int, w: MmaWeights, sms: int, block_n: int) -> 
     return out
 
 
+def wgmma_split_candidates(num_tokens: int, w: MmaWeights, sms: int, block_n: int) -> list[int]:
+    return split_candidates(num_tokens, w, sms, block_n, wgmma_token_block(num_tokens))
+
+
 def max_partials(num_tokens: int, w: MmaWeights, sms: int) -> int:
     """fp32 workspace elements the split launches timed at ``num_tokens`` need (0: none)."""
     split = max(max(split_candidates(num_tokens, w, sms, bn)) for bn, _ in GEOMETRIES)
+    split = max(split, *(max(wgmma_split_candidates(num_tokens, w, sms, bn))
+                         for bn in WGMMA_BLOCKS))
     return split * num_tokens * w.out_features if split > 1 else 0
 
 
@@ -215,6 +278,19 @@ def sorted_input(x: torch.Tensor, w: MmaWeights) -> torch.Tensor:
     return x if w.perm is None else x.index_select(1, w.perm)
 
 
+def _launch_args(x: torch.Tensor, w: MmaWeights, split_k: int,
+                 workspace: SplitKWorkspace | None) -> tuple:
+    """The binding's arguments up to split_k, shared by both products (unused tensors stand in
+    for the workspace when the launch is not split)."""
+    if split_k > 1 and workspace is None:
+        raise ValueError(f"split_k={split_k} needs a workspace")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    ws = workspace.partials if workspace is not None else x
+    counters = workspace.counters if workspace is not None else x
+    return x, w.perm, w.qweight, w.meta, w.group_size, w.bias, ws, counters, split_k
+
+
 def matmul(x: torch.Tensor, w: MmaWeights, split_k: int, block_n: int,
            workspace: SplitKWorkspace | None, k_warps: int = 1) -> torch.Tensor:
     """x: [M, in] fp16, columns in checkpoint order -> [M, out] fp16: one launch (act-order
@@ -222,14 +298,16 @@ def matmul(x: torch.Tensor, w: MmaWeights, split_k: int, block_n: int,
     ``GEOMETRIES``."""
     if (block_n, k_warps) not in GEOMETRIES:
         raise ValueError(f"no block geometry ({block_n}, {k_warps}); one of {GEOMETRIES}")
-    if split_k > 1 and workspace is None:
-        raise ValueError(f"split_k={split_k} needs a workspace")
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    ws = workspace.partials if workspace is not None else x
-    counters = workspace.counters if workspace is not None else x
-    return load_ext().matmul(x, w.perm, w.qweight, w.meta, w.group_size, w.bias, ws, counters,
-                             split_k, block_n, k_warps)
+    return load_ext().matmul(*_launch_args(x, w, split_k, workspace), block_n, k_warps)
+
+
+def matmul_wgmma(x: torch.Tensor, w: MmaWeights, split_k: int, block_n: int,
+                 workspace: SplitKWorkspace | None) -> torch.Tensor:
+    """As ``matmul``, on the wgmma kernel (only where ``wgmma_available``); ``block_n``: one of
+    ``WGMMA_BLOCKS``."""
+    if block_n not in WGMMA_BLOCKS:
+        raise ValueError(f"no wgmma block of {block_n} rows; one of {WGMMA_BLOCKS}")
+    return load_ext().matmul_wgmma(*_launch_args(x, w, split_k, workspace), block_n)
 
 
 def dequantize_into(w: MmaWeights, out: torch.Tensor,

@@ -8,7 +8,8 @@ A step of T tokens then takes the choice measured at the smallest ladder size >=
 Candidates: for layers in the Triton/exllamav2 layout, exllamav2's 4-bit kernel (up to 16
 tokens) and the Triton kernels with a few tile shapes and input-dimension splits chosen from the
 multiprocessor count; for layers in the tensor-core kernel's layout (``mma.py``), that kernel
-with each of its block widths and K splits (up to ``mma.MAX_TOKENS``); for both, the dense path (from 32
+with each of its block widths and K splits (up to ``mma.MAX_TOKENS``), on Hopper its wgmma
+form too (from ``mma.WGMMA_MIN_TOKENS``); for both, the dense path (from 32
 tokens). The Triton tile shapes are the ones the H200 sweep in tools/gpu kept
 (docs/benchmarks.md); the split sizes follow the card's multiprocessor count.
 """
@@ -38,7 +39,8 @@ DENSE_MIN_TOKENS = 32
 class PathKind(enum.Enum):
     EXLLAMA = "exllama"
     TRITON = "triton"
-    MMA = "mma"  # the w4a16 tensor-core kernel (mma.py)
+    MMA = "mma"  # the w4a16 tensor-core kernel (mma.py), mma.sync
+    WGMMA = "wgmma"  # the same on Hopper's warpgroup MMA
     DENSE = "dense"
 
 
@@ -46,14 +48,16 @@ class PathKind(enum.Enum):
 class Path:
     kind: PathKind
     config: KernelConfig | None = None  # TRITON only; None: ``default_config``
-    split_k: int = 1  # MMA only
-    block_n: int = 128  # MMA only: output rows a block and
+    split_k: int = 1  # MMA and WGMMA only
+    block_n: int = 128  # MMA and WGMMA only: output rows a block and (MMA only)
     k_warps: int = 1  # warps sharing a tile along K (one of mma.GEOMETRIES)
 
     def describe(self) -> str:
         if self.kind is PathKind.MMA:
             k = f"k{self.k_warps}" if self.k_warps > 1 else ""
             return f"mma{self.block_n}{k}/{self.split_k}"
+        if self.kind is PathKind.WGMMA:
+            return f"wgmma{self.block_n}/{self.split_k}"
         if self.kind is not PathKind.TRITON or self.config is None:
             return self.kind.value
         c = self.config
@@ -159,6 +163,10 @@ def candidates(layer: PackedLinear, num_tokens: int, sms: int) -> list[Path]:
             paths += [Path(PathKind.MMA, split_k=s, block_n=bn, k_warps=kw)
                       for bn, kw in mma.GEOMETRIES
                       for s in mma.split_candidates(num_tokens, layer.w, sms, bn)]
+            if num_tokens >= mma.WGMMA_MIN_TOKENS and mma.wgmma_available():
+                paths += [Path(PathKind.WGMMA, split_k=s, block_n=bn)
+                          for bn in mma.WGMMA_BLOCKS
+                          for s in mma.wgmma_split_candidates(num_tokens, layer.w, sms, bn)]
     else:
         paths += [Path(PathKind.TRITON, c)
                   for c in triton_candidates(num_tokens, layer.out_features, sms)]

@@ -132,7 +132,8 @@ class TritonLinear:
 
 
 class MmaLinear:
-    """One 4-bit layer on the w4a16 tensor-core kernel; ``plan`` picks MMA or DENSE per step."""
+    """One 4-bit layer on the w4a16 tensor-core kernel; ``plan`` picks MMA, WGMMA or DENSE per
+    step."""
 
     q4 = None  # exllamav2 does not read this layout
 
@@ -173,6 +174,8 @@ class MmaLinear:
                 mma.dequantize_into(self.w, dense)
             out = torch.mm(mma.sorted_input(x, self.w), dense)
             return out if self.w.bias is None else out + self.w.bias
+        if path.kind is PathKind.WGMMA:
+            return mma.matmul_wgmma(x, self.w, path.split_k, path.block_n, self.workspace)
         assert path.kind is PathKind.MMA
         return mma.matmul(x, self.w, path.split_k, path.block_n, self.workspace, path.k_warps)
 

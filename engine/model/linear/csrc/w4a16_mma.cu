@@ -26,16 +26,16 @@ int group_shift(int64_t group, int64_t K) {
 // Tokens a block for a step of M (the kernel's NT * 8): 8, 16, 32, then 64.
 int64_t tokens_a_block(int64_t M) { return M <= 8 ? 8 : M <= 16 ? 16 : M <= 32 ? 32 : 64; }
 
-// out = x[:, perm] @ W (+ bias): x [M, K] fp16 (columns in checkpoint order; perm int64 [K],
-// the input row of each sorted position, or None), qw int32 [N/16, K/64, 32, 4], meta fp16
-// [groups, N, 2]. block_n: output rows a block (128 or 256); k_warps: warps sharing a tile
-// along K (1 or 2; a warp owns block_n * k_warps / 8 rows). ws: fp32 with >= split_k * M * N
+// The checked arguments of one product: out = x[:, perm] @ W (+ bias), x [M, K] fp16 (columns
+// in checkpoint order; perm int64 [K], the input row of each sorted position, or None), qw
+// int32 [N/16, K/64, 32, 4], meta fp16 [groups, N, 2]. ws: fp32 with >= split_k * M * N
 // elements and counters: int32 zeros, >= ceil(M / tokens_a_block(M)) * N / 16, when
-// split_k > 1.
-torch::Tensor matmul(torch::Tensor x, c10::optional<torch::Tensor> perm, torch::Tensor qw,
-                     torch::Tensor meta, int64_t group, c10::optional<torch::Tensor> bias,
-                     torch::Tensor ws, torch::Tensor counters, int64_t split_k,
-                     int64_t block_n, int64_t k_warps) {
+// split_k > 1. Returns the launch arguments and out (x, gathered or realigned, kept alive in
+// ``x``).
+gptq_mma::GemmArgs prepare(torch::Tensor& x, const c10::optional<torch::Tensor>& perm,
+                           const torch::Tensor& qw, const torch::Tensor& meta, int64_t group,
+                           const c10::optional<torch::Tensor>& bias, const torch::Tensor& ws,
+                           const torch::Tensor& counters, int64_t split_k, torch::Tensor& out) {
   check(x, torch::kHalf, "x");
   check(qw, torch::kInt32, "qweight");
   check(meta, torch::kHalf, "meta");
@@ -47,8 +47,6 @@ torch::Tensor matmul(torch::Tensor x, c10::optional<torch::Tensor> perm, torch::
   TORCH_CHECK(K % gptq_mma::kStageInputs == 0, "in_features must be a multiple of ",
               gptq_mma::kStageInputs);
   TORCH_CHECK(split_k >= 1 && split_k <= K / gptq_mma::kStageInputs, "split_k out of range");
-  TORCH_CHECK(block_n == 128 || block_n == 256, "block_n must be 128 or 256");
-  TORCH_CHECK(k_warps == 1 || k_warps == 2, "k_warps must be 1 or 2");
   if (bias) check(*bias, torch::kHalf, "bias");
   if (split_k > 1) {
     check(ws, torch::kFloat, "workspace");
@@ -57,7 +55,6 @@ torch::Tensor matmul(torch::Tensor x, c10::optional<torch::Tensor> perm, torch::
     const int64_t blocks = (M + tokens_a_block(M) - 1) / tokens_a_block(M);
     TORCH_CHECK(counters.numel() >= blocks * (N / 16), "too few counters");
   }
-  const c10::cuda::CUDAGuard guard(x.device());
   if (perm) {
     check(*perm, torch::kLong, "perm");
     TORCH_CHECK(perm->numel() == K, "perm must have K entries");
@@ -65,18 +62,32 @@ torch::Tensor matmul(torch::Tensor x, c10::optional<torch::Tensor> perm, torch::
   } else if (x.stride(0) % 8 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16) {
     x = x.clone(at::MemoryFormat::Contiguous);  // cp.async copies 16-byte runs of a row
   }
-  auto out = torch::empty({M, N}, x.options());
-  if (M == 0) return out;
-  const gptq_mma::GemmArgs args{
+  out = torch::empty({M, N}, x.options());
+  return gptq_mma::GemmArgs{
       reinterpret_cast<const half*>(x.data_ptr<at::Half>()), static_cast<int>(M),
       static_cast<int>(K), static_cast<int>(x.stride(0)),
       reinterpret_cast<const uint4*>(qw.data_ptr<int32_t>()),
       reinterpret_cast<const half2*>(meta.data_ptr<at::Half>()), shift,
       bias ? reinterpret_cast<const half*>(bias->data_ptr<at::Half>()) : nullptr,
       reinterpret_cast<half*>(out.data_ptr<at::Half>()), static_cast<int>(N),
-      static_cast<int>(out.stride(0)), split_k > 1 ? ws.data_ptr<float>() : nullptr,
-      split_k > 1 ? counters.data_ptr<int32_t>() : nullptr, static_cast<int>(split_k),
-      at::cuda::getCurrentCUDAStream()};
+      static_cast<int>(out.stride(0)),
+      split_k > 1 ? const_cast<float*>(ws.data_ptr<float>()) : nullptr,
+      split_k > 1 ? const_cast<int32_t*>(counters.data_ptr<int32_t>()) : nullptr,
+      static_cast<int>(split_k), at::cuda::getCurrentCUDAStream()};
+}
+
+// The mma.sync product (arguments as ``prepare``). block_n: output rows a block (128 or 256);
+// k_warps: warps sharing a tile along K (1 or 2; a warp owns block_n * k_warps / 8 rows).
+torch::Tensor matmul(torch::Tensor x, c10::optional<torch::Tensor> perm, torch::Tensor qw,
+                     torch::Tensor meta, int64_t group, c10::optional<torch::Tensor> bias,
+                     torch::Tensor ws, torch::Tensor counters, int64_t split_k,
+                     int64_t block_n, int64_t k_warps) {
+  TORCH_CHECK(block_n == 128 || block_n == 256, "block_n must be 128 or 256");
+  TORCH_CHECK(k_warps == 1 || k_warps == 2, "k_warps must be 1 or 2");
+  const c10::cuda::CUDAGuard guard(x.device());
+  torch::Tensor out;
+  const auto args = prepare(x, perm, qw, meta, group, bias, ws, counters, split_k, out);
+  if (args.M == 0) return out;
   // Warp tiles of 1, 2 or 4 sixteen-row tiles: (block_n, k_warps) picks the instantiation.
   const int tiles_a_warp = static_cast<int>(block_n / 16 * k_warps / gptq_mma::kGemmWarps);
   cudaError_t err;
@@ -85,6 +96,36 @@ torch::Tensor matmul(torch::Tensor x, c10::optional<torch::Tensor> perm, torch::
   else err = tiles_a_warp == 2 ? gptq_mma::launch_gemm<2, 2>(args)
                                : gptq_mma::launch_gemm<4, 2>(args);
   C10_CUDA_CHECK(err);
+  return out;
+}
+
+// Whether the wgmma kernel is compiled for the current device (sm_90a code in the module):
+// probed once a process, by a kernel built the same way.
+bool wgmma_available() {
+  static const bool compiled = [] {
+    auto flag = torch::zeros({1}, torch::dtype(torch::kInt32).device(torch::kCUDA));
+    C10_CUDA_CHECK(gptq_mma::wgmma_probe(flag.data_ptr<int32_t>(),
+                                         at::cuda::getCurrentCUDAStream()));
+    return flag.item<int32_t>() == 1;
+  }();
+  return compiled;
+}
+
+// The wgmma product (arguments as ``prepare``; Hopper only: wgmma_available()); block_n: 128
+// or 256 output rows a block.
+torch::Tensor matmul_wgmma(torch::Tensor x, c10::optional<torch::Tensor> perm,
+                           torch::Tensor qw, torch::Tensor meta, int64_t group,
+                           c10::optional<torch::Tensor> bias, torch::Tensor ws,
+                           torch::Tensor counters, int64_t split_k, int64_t block_n) {
+  TORCH_CHECK(block_n == 128 || block_n == 256, "block_n must be 128 or 256");
+  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(wgmma_available(), "the wgmma kernel is not compiled for this device "
+              "(it needs sm_90a: TORCH_CUDA_ARCH_LIST=9.0a)");
+  torch::Tensor out;
+  const auto args = prepare(x, perm, qw, meta, group, bias, ws, counters, split_k, out);
+  if (args.M == 0) return out;
+  C10_CUDA_CHECK(block_n == 128 ? gptq_mma::launch_wgmma<1>(args)
+                                : gptq_mma::launch_wgmma<2>(args));
   return out;
 }
 
@@ -120,6 +161,8 @@ void dequantize(torch::Tensor qw, torch::Tensor meta, int64_t group, torch::Tens
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("matmul", &matmul, "w4a16 tensor-core product");
+  m.def("matmul", &matmul, "w4a16 tensor-core product (mma.sync)");
+  m.def("matmul_wgmma", &matmul_wgmma, "w4a16 tensor-core product (wgmma, sm_90a)");
+  m.def("wgmma_available", &wgmma_available, "whether the wgmma kernel runs on this device");
   m.def("dequantize", &dequantize, "dense weight of the w4a16 layout");
 }

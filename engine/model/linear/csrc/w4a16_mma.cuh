@@ -159,6 +159,157 @@ __device__ __forceinline__ void ldsm_x2(uint32_t& r0, uint32_t& r1, uint32_t add
                : "r"(addr));
 }
 
+// A block's copies of the weights and group metadata of one stage, shared by both kernels
+// (w4a16_wgmma.cuh too): the weights of kTiles output tiles (a stage's chunks of a tile are
+// kStageChunks * 512 contiguous bytes) at the stage buffer's start, the metadata of the
+// stage's group rows at kMetaAt. The global addresses are computed once (as a loop at every
+// stage this address arithmetic was a third of a one-token step's instructions); stage s adds
+// s * (bytes a stage) to each.
+template <int kTiles, int kRows, int kMetaGroups, int kMetaAt>
+struct WeightCopies {
+  static constexpr int kW = kTiles * kStageChunks * 32 / kGemmThreads;
+  static constexpr int kPieces = kMetaGroups * (kRows / 4);  // 16-byte pieces of metadata
+  static constexpr int kM = (kPieces + kGemmThreads - 1) / kGemmThreads;
+  const uint4* w_src[kW];
+  bool w_on[kW];
+  int m_off[kM];
+  bool m_on[kM];
+
+  __device__ __forceinline__ WeightCopies(int tid, const uint4* qw, int tile0, int tiles, int K,
+                                          int u_lo, int group_shift, int N) {
+    const int chunks = K / 64;
+#pragma unroll
+    for (int n = 0; n < kW; ++n) {
+      const int i = tid + n * kGemmThreads;
+      const int kk = (i >> 5) % kStageChunks, tl = (i >> 5) / kStageChunks;
+      w_on[n] = tile0 + tl < tiles;
+      w_src[n] = qw + ((size_t)(tile0 + tl) * chunks + (size_t)u_lo * kStageChunks + kk) * 32 +
+                 (i & 31);
+    }
+    // Groups a stage: 1 when a group holds a stage or more, else kStageInputs / group.
+    const int stage_groups = max(1, kStageInputs >> min(group_shift, 30));
+#pragma unroll
+    for (int n = 0; n < kM; ++n) {
+      const int i = tid + n * kGemmThreads;
+      const int gl = i / (kRows / 4), v = i % (kRows / 4);
+      const int row = tile0 * 16 + v * 4;
+      m_on[n] = i < kPieces && gl < stage_groups && row < N;
+      m_off[n] = gl * N + row;
+    }
+  }
+
+  // Stage s (of this block's share of K, from stage u_lo) into the stage buffer at shared
+  // address ``base``. (The kernel's arguments are passed again rather than kept here, where
+  // they would take registers the whole loop long.)
+  __device__ __forceinline__ void issue(int tid, uint32_t base, int s, const half2* meta,
+                                        int u_lo, int group_shift, int N) const {
+#pragma unroll
+    for (int n = 0; n < kW; ++n)
+      if (w_on[n])
+        cp_async(base + (tid + n * kGemmThreads) * 16, w_src[n] + (size_t)s * kStageChunks * 32);
+    const half2* m_base = meta + (size_t)(((u_lo + s) * kStageInputs) >> group_shift) * N;
+#pragma unroll
+    for (int n = 0; n < kM; ++n) {
+      const int i = tid + n * kGemmThreads;
+      if (m_on[n])
+        cp_async(base + kMetaAt + ((i / (kRows / 4)) * kRows + (i % (kRows / 4)) * 4) * 4,
+                 m_base + m_off[n]);
+    }
+  }
+};
+
+// The end of a block: one warp's 16-row output tile over NT token tiles of 8. Unsplit, the sums
+// (+ bias) go out as fp16. Split along K, each split writes fp32 partials to the workspace
+// and bumps the tile's counter; the last to arrive adds the partials in split order
+// (deterministic whichever block finishes; the sums reuse acc, whose own split is read back
+// with the rest), kBatch splits' loads issued before their adds: a few L2 round trips, not
+// one an element (dependent loads made split-K twice as slow at 64 tokens). kBatch keeps the
+// loads to 16-32 registers. acc[j]: (row, token 8j + 2t), (row, 8j + 2t + 1), (row + 8,
+// 8j + 2t), (row + 8, +1): the layout of mma.sync's and wgmma's accumulators alike.
+struct TileStore {
+  int M, N, ldo;
+  const half* bias;
+  half* out;
+  float* ws;
+  int* counters;  // this block row's (blockIdx.x) counters, one a tile
+  int split, split_k;
+
+  // acc[j][e]'s token (from the block's first, m0) and output row (from the tile's, row).
+  static __device__ __forceinline__ int token(int m0, int t, int j, int e) {
+    return m0 + 8 * j + 2 * t + (e & 1);
+  }
+  static __device__ __forceinline__ int out_row(int row, int e) { return row + ((e & 2) ? 8 : 0); }
+
+  template <int NT>
+  __device__ __forceinline__ void write(const float (&acc)[NT][4], int row, int m0, int t) const {
+    const float bias_lo = bias ? __half2float(bias[row]) : 0.f;
+    const float bias_hi = bias ? __half2float(bias[row + 8]) : 0.f;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int m = token(m0, t, j, e);
+        if (m < M)
+          out[(size_t)m * ldo + out_row(row, e)] =
+              __float2half(acc[j][e] + ((e & 2) ? bias_hi : bias_lo));
+      }
+  }
+
+  template <int NT>
+  __device__ __forceinline__ void store(float (&acc)[NT][4], int tile, int m0, int lane) const {
+    if (tile >= N / 16) return;
+    const int g = lane >> 2, t = lane & 3;
+    const int row = tile * 16 + g;
+    if (split_k == 1) {
+      write<NT>(acc, row, m0, t);
+      return;
+    }
+    const size_t mn = (size_t)M * N;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int m = token(m0, t, j, e);
+        if (m < M) ws[split * mn + (size_t)m * N + out_row(row, e)] = acc[j][e];
+      }
+    __threadfence();  // this lane's partials are visible before the counter moves
+    __syncwarp();
+    int arrived = 0;
+    if (lane == 0) arrived = atomicAdd(counters + tile, 1);
+    arrived = __shfl_sync(0xffffffffu, arrived, 0);
+    if (arrived != split_k - 1) return;
+    __threadfence();  // every other split's partials are visible to the loads below
+    constexpr int kBatch = NT >= 4 ? 1 : 4 / NT;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+    for (int sp0 = 0; sp0 < split_k; sp0 += kBatch) {
+      float part[kBatch][NT][4];
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int m = token(m0, t, j, e);
+            part[b][j][e] = sp0 + b < split_k && m < M
+                                ? __ldcg(ws + (sp0 + b) * mn + (size_t)m * N + out_row(row, e))
+                                : 0.f;
+          }
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b)
+        if (sp0 + b < split_k)
+#pragma unroll
+          for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[j][e] += part[b][j][e];
+    }
+    write<NT>(acc, row, m0, t);
+    if (lane == 0) counters[tile] = 0;
+  }
+};
+
 // x: [M, K] fp16, rows 16-byte aligned, columns in sorted order (act-order layers gathered by
 // the caller); out: [M, N] fp16, row stride ldo. Grid: (ceil(M / (8 NT)), split_k,
 // ceil(N / 16 / kTiles)): the blocks of one weight slice over all the token blocks are
@@ -178,10 +329,9 @@ w4a16_gemm_kernel(const half* __restrict__ x, int M, int K, int ldx,
   const int tid = threadIdx.x, lane = tid & 31;
   // warp: which tiles (rows 16 TPW warp ..) of the block; kw: which chunks of each stage.
   const int warp = (tid >> 5) % S::kTileWarps, kw = (tid >> 5) / S::kTileWarps;
-  const int g = lane >> 2, t = lane & 3;
+  const int g = lane >> 2;
   const int tiles = N / 16;
   const int tile0 = blockIdx.z * S::kTiles;
-  const int chunks = K / 64;
   const int units = K / kStageInputs;
   const int split = blockIdx.y;
   const int u_lo = split * units / split_k, u_hi = (split + 1) * units / split_k;
@@ -189,21 +339,10 @@ w4a16_gemm_kernel(const half* __restrict__ x, int M, int K, int ldx,
   const int m0 = blockIdx.x * 8 * NT;
   const uint32_t smem0 = smem_addr(smem);
 
-  // This thread's copies of a stage, as (global address at stage 0, shared offset): weights
-  // (per tile, a stage's chunks are kStageChunks * 512 contiguous bytes), token rows, then
-  // metadata rows. Stage u adds u * (bytes a stage) to each global address.
-  constexpr int kWCopies = S::kTiles * kStageChunks * 32 / kGemmThreads;  // 2 TPW
+  // This thread's copies of a stage: weights and metadata (WeightCopies), then token rows.
+  const WeightCopies<S::kTiles, S::kRows, S::kMetaGroups, S::kWeightBytes + S::kXBytes> wcopy(
+      tid, qw, tile0, tiles, K, u_lo, group_shift, N);
   constexpr int kXCopies = (8 * NT * kStageChunks * 8 + kGemmThreads - 1) / kGemmThreads;
-  const uint4* w_src[kWCopies];
-  bool w_on[kWCopies];
-#pragma unroll
-  for (int n = 0; n < kWCopies; ++n) {
-    const int i = tid + n * kGemmThreads;
-    const int kk = (i >> 5) % kStageChunks, tl = (i >> 5) / kStageChunks;
-    w_on[n] = tile0 + tl < tiles;
-    w_src[n] = qw + ((size_t)(tile0 + tl) * chunks + (size_t)u_lo * kStageChunks + kk) * 32 +
-               (i & 31);
-  }
   const half* x_src[kXCopies];
   bool x_on[kXCopies];
 #pragma unroll
@@ -213,30 +352,10 @@ w4a16_gemm_kernel(const half* __restrict__ x, int M, int K, int ldx,
     x_on[n] = r < 8 * NT && m0 + r < M;
     x_src[n] = x + (size_t)(m0 + r) * ldx + (size_t)u_lo * kStageInputs + v * 8;
   }
-  // Groups a stage: 1 when a group holds a stage or more, else kStageInputs / group.
-  const int stage_groups = max(1, kStageInputs >> min(group_shift, 30));
-  // Metadata copies: kRows / 4 sixteen-byte pieces of each of the stage's group rows, at
-  // offsets fixed but for the stage's first group row (computed here once: as a loop at
-  // every stage this address arithmetic was a third of a one-token step's instructions).
-  constexpr int kMetaPieces = S::kMetaGroups * (S::kRows / 4);
-  constexpr int kMCopies = (kMetaPieces + kGemmThreads - 1) / kGemmThreads;
-  int m_off[kMCopies];
-  bool m_on[kMCopies];
-#pragma unroll
-  for (int n = 0; n < kMCopies; ++n) {
-    const int i = tid + n * kGemmThreads;
-    const int gl = i / (S::kRows / 4), v = i % (S::kRows / 4);
-    const int row = tile0 * 16 + v * 4;
-    m_on[n] = i < kMetaPieces && gl < stage_groups && row < N;
-    m_off[n] = gl * N + row;
-  }
 
   auto load_stage = [&](int s) {
     const uint32_t base = smem0 + (s % kStages) * S::kStageBytes;
-#pragma unroll
-    for (int n = 0; n < kWCopies; ++n)
-      if (w_on[n])
-        cp_async(base + (tid + n * kGemmThreads) * 16, w_src[n] + (size_t)s * kStageChunks * 32);
+    wcopy.issue(tid, base, s, meta, u_lo, group_shift, N);
 #pragma unroll
     for (int n = 0; n < kXCopies; ++n) {
       const int i = tid + n * kGemmThreads;
@@ -244,15 +363,6 @@ w4a16_gemm_kernel(const half* __restrict__ x, int M, int K, int ldx,
         cp_async(base + S::kWeightBytes + (i / (kStageChunks * 8)) * kXRow * 2 +
                      (i % (kStageChunks * 8)) * 16,
                  x_src[n] + (size_t)s * kStageInputs);
-    }
-    const half2* m_base = meta + (size_t)(((u_lo + s) * kStageInputs) >> group_shift) * N;
-#pragma unroll
-    for (int n = 0; n < kMCopies; ++n) {
-      const int i = tid + n * kGemmThreads;
-      if (m_on[n])
-        cp_async(base + S::kWeightBytes + S::kXBytes +
-                     ((i / (S::kRows / 4)) * S::kRows + (i % (S::kRows / 4)) * 4) * 4,
-                 m_base + m_off[n]);
     }
   };
 
@@ -354,83 +464,10 @@ w4a16_gemm_kernel(const half* __restrict__ x, int M, int K, int ldx,
         for (int e = 0; e < 4; ++e) acc[i][j][e] += red[((i * NT + j) * 4 + e) * 32];
   }
 
-  // acc[i][j]: (row, token 8j + 2t), (row, 8j + 2t + 1), (row + 8, 8j + 2t), (row + 8, +1)
-  const size_t mn = (size_t)M * N;
+  const TileStore store{M, N, ldo, bias, out, ws, counters + blockIdx.x * tiles, split,
+                        split_k};
 #pragma unroll
-  for (int i = 0; i < TPW; ++i) {
-    const int tile = tile0 + warp * TPW + i;
-    if (tile >= tiles) continue;
-    const int row = tile * 16 + g;
-    const float bias_lo = bias ? __half2float(bias[row]) : 0.f;
-    const float bias_hi = bias ? __half2float(bias[row + 8]) : 0.f;
-    if (split_k == 1) {
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int m = m0 + 8 * j + 2 * t + (e & 1);
-          const int r = row + ((e & 2) ? 8 : 0);
-          if (m < M) out[(size_t)m * ldo + r] = __float2half(acc[i][j][e] + ((e & 2) ? bias_hi : bias_lo));
-        }
-      continue;
-    }
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int m = m0 + 8 * j + 2 * t + (e & 1);
-        const int r = row + ((e & 2) ? 8 : 0);
-        if (m < M) ws[split * mn + (size_t)m * N + r] = acc[i][j][e];
-      }
-    __threadfence();  // this lane's partials are visible before the counter moves
-    __syncwarp();
-    int* counter = counters + blockIdx.x * tiles + tile;
-    int arrived = 0;
-    if (lane == 0) arrived = atomicAdd(counter, 1);
-    arrived = __shfl_sync(0xffffffffu, arrived, 0);
-    if (arrived != split_k - 1) continue;
-    __threadfence();  // every other split's partials are visible to the loads below
-    // The partials are added in split order (deterministic whichever block finishes; the
-    // sums reuse acc, whose own split is read back with the rest), kBatch splits' loads
-    // issued before their adds: a few L2 round trips, not one an element (dependent loads
-    // made split-K twice as slow at 64 tokens). kBatch keeps the loads to 16-32 registers.
-    constexpr int kBatch = NT >= 4 ? 1 : 4 / NT;
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
-    for (int sp0 = 0; sp0 < split_k; sp0 += kBatch) {
-      float part[kBatch][NT][4];
-#pragma unroll
-      for (int b = 0; b < kBatch; ++b)
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int m = m0 + 8 * j + 2 * t + (e & 1);
-            const int r = row + ((e & 2) ? 8 : 0);
-            part[b][j][e] = sp0 + b < split_k && m < M
-                                ? __ldcg(ws + (sp0 + b) * mn + (size_t)m * N + r)
-                                : 0.f;
-          }
-#pragma unroll
-      for (int b = 0; b < kBatch; ++b)
-        if (sp0 + b < split_k)
-#pragma unroll
-          for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][j][e] += part[b][j][e];
-    }
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int m = m0 + 8 * j + 2 * t + (e & 1);
-        const int r = row + ((e & 2) ? 8 : 0);
-        if (m < M) out[(size_t)m * ldo + r] = __float2half(acc[i][j][e] + ((e & 2) ? bias_hi : bias_lo));
-      }
-    if (lane == 0) *counter = 0;
-  }
+  for (int i = 0; i < TPW; ++i) store.store<NT>(acc[i], tile0 + warp * TPW + i, m0, lane);
 }
 
 }  // namespace gptq_mma

@@ -1,5 +1,5 @@
-// The launcher of the w4a16 product, one explicit instantiation a block geometry (the
-// w4a16_mma_t*k*.cu files, compiled in parallel); the torch binding (w4a16_mma.cu) calls it
+// The launchers of the w4a16 products, one explicit instantiation a block geometry (the
+// w4a16_mma_t*k*.cu and w4a16_wgmma_t*.cu files, compiled in parallel); the torch binding (w4a16_mma.cu) calls it
 // with plain pointers, so the geometry files need no torch headers.
 #pragma once
 
@@ -28,5 +28,14 @@ struct GemmArgs {
 // covers 16 * TPW * 8 / KW rows.
 template <int TPW, int KW>
 cudaError_t launch_gemm(const GemmArgs& a);
+
+// The wgmma kernel (w4a16_wgmma.cuh, the w4a16_wgmma_t*.cu files), blocks of 128 TPW rows;
+// only where wgmma_probe wrote 1.
+template <int TPW>
+cudaError_t launch_wgmma(const GemmArgs& a);
+
+// Writes to the device int at ``flag`` 1 where the wgmma kernel was compiled for this device
+// (sm_90a), 0 where it is empty (every other target).
+cudaError_t wgmma_probe(int* flag, cudaStream_t stream);
 
 }  // namespace gptq_mma
