@@ -115,6 +115,21 @@ def test_build_targets_hopper_as_sm90a() -> None:
         assert mma.build_arch_list(None) is None  # torch's own default applies
 
 
+def test_wgmma_is_offered_only_where_the_module_says_it_runs(monkeypatch) -> None:
+    """The plan offers the wgmma form only on the module's word: a module whose probe says
+    no, or a prebuilt one from before the form (no probe at all), gives mma.sync alone."""
+    import types
+
+    for module, expected in ((types.SimpleNamespace(wgmma_available=lambda: True), True),
+                             (types.SimpleNamespace(wgmma_available=lambda: False), False),
+                             (types.SimpleNamespace(), False)):
+        monkeypatch.setattr(mma, "_ext", module)
+        assert mma.wgmma_available() is expected
+    monkeypatch.setattr(mma, "_ext", None)
+    monkeypatch.setattr(mma, "_ext_error", "no nvcc")
+    assert mma.wgmma_available() is False
+
+
 def test_kernel_sources_ship_with_the_package() -> None:
     """The kernel compiles from its sources at first use: a wheel without them could not."""
     import fnmatch

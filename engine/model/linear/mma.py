@@ -151,11 +151,13 @@ def available() -> bool:
 
 
 def wgmma_available() -> bool:
-    """Whether the wgmma kernel runs here: the module holds sm_90a code and the GPU runs it."""
+    """Whether the wgmma kernel runs here: the module holds sm_90a code and the GPU runs it.
+    (A prebuilt module from before the wgmma form has no probe: the mma.sync kernel alone.)"""
     try:
-        return bool(load_ext().wgmma_available())
+        probe = getattr(load_ext(), "wgmma_available", None)
     except RuntimeError:
         return False
+    return probe is not None and bool(probe())
 
 
 def unsupported_reason(weights: GPTQLinearWeights) -> str | None:
