@@ -58,6 +58,18 @@ __device__ __forceinline__ void dequant(uint32_t word, half2 zero_lo, half2 scal
   }
 }
 
+// A lane's group metadata for its rows g (at ``at``) and g + 8 (8 entries on) of one tile, in
+// the form dequant() takes: the scales, zero' for the even registers, odd_zero(zero') for the
+// odd ones.
+__device__ __forceinline__ void group_meta(const uint8_t* at, half2 scale[2], half2 zero[2]) {
+  const half2* mp = reinterpret_cast<const half2*>(at);
+  const half2 lo = mp[0], hi = mp[8];
+  scale[0] = __low2half2(lo);
+  zero[0] = __high2half2(lo);
+  scale[1] = __low2half2(hi);
+  zero[1] = odd_zero(__high2half2(hi));
+}
+
 __device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], uint32_t b0,
                                           uint32_t b1) {
   asm(
@@ -409,15 +421,8 @@ w4a16_gemm_kernel(const half* __restrict__ x, int M, int K, int ldx,
         if (s4 == 0 || SMALL_GROUPS) {
           const int gl = ((k_first + kk * 64 + s4 * 16) >> group_shift) - g_first;
 #pragma unroll
-          for (int i = 0; i < TPW; ++i) {
-            const half2* mp =
-                reinterpret_cast<const half2*>(base + meta_off + (gl * S::kRows + i * 16) * 4);
-            const half2 lo = mp[0], hi = mp[8];
-            scale[i][0] = __low2half2(lo);
-            zero[i][0] = __high2half2(lo);
-            scale[i][1] = __low2half2(hi);
-            zero[i][1] = odd_zero(__high2half2(hi));
-          }
+          for (int i = 0; i < TPW; ++i)
+            group_meta(base + meta_off + (gl * S::kRows + i * 16) * 4, scale[i], zero[i]);
         }
         uint32_t b[NT][2];
         const uint32_t col = (kk * 64 + s4 * 16) * 2;

@@ -33,9 +33,9 @@
 
 namespace gptq_mma {
 
-// This block's share of K (as in w4a16_gemm_kernel, which computes it inline: there, in
-// this form, ptxas spilled one register at 64 tokens): split blockIdx.y of split_k takes stages [u_lo, u_lo + n_stages)
-// of kStageInputs inputs.
+// This block's share of K: split blockIdx.y of split_k takes stages [u_lo, u_lo + n_stages)
+// of kStageInputs inputs. (w4a16_gemm_kernel computes the same inline: in this form ptxas
+// spilled one of its registers at 64 tokens.)
 struct KShare {
   int split, u_lo, n_stages;
   __device__ __forceinline__ KShare(int K, int split_k) : split(blockIdx.y) {
@@ -248,15 +248,8 @@ w4a16_wgmma_kernel(const half* __restrict__ x, int M, int K, int ldx,
         if (s4 == 0 || SMALL_GROUPS) {
           const int gl = ((k_first + kk * 64 + s4 * 16) >> group_shift) - g_first;
 #pragma unroll
-          for (int i = 0; i < TPW; ++i) {
-            const half2* mp =
-                reinterpret_cast<const half2*>(base + meta_off[i] + gl * S::kRows * 4);
-            const half2 lo = mp[0], hi = mp[8];
-            scale[i][0] = __low2half2(lo);
-            zero[i][0] = __high2half2(lo);
-            scale[i][1] = __low2half2(hi);
-            zero[i][1] = odd_zero(__high2half2(hi));
-          }
+          for (int i = 0; i < TPW; ++i)
+            group_meta(base + meta_off[i] + gl * S::kRows * 4, scale[i], zero[i]);
         }
 #pragma unroll
         for (int i = 0; i < TPW; ++i) {
