@@ -63,11 +63,18 @@ def test_every_path_matches_reference(mma, layout, shape) -> None:
             splits = mma.wgmma_split_candidates(t, layer.w, num_sms(), bn)
             paths += [Path(PathKind.WGMMA, split_k=s, block_n=bn)
                       for s in {splits[0], splits[-1]}]
+            # Stream-K: the plan's grids, one of 7 blocks (each runs over several tile
+            # blocks, restarting its pipeline) and one whose blocks take 12 stages (tiles
+            # summed from 4-5 blocks' partials).
+            units = mma.stream_k_units(layer.w, bn)
+            paths += [Path(PathKind.WGMMA, block_n=bn, stream_k=g)
+                      for g in {*mma.wgmma_stream_k_candidates(t, layer.w, num_sms(), bn),
+                                7, units // 12}]
         for path in paths + [Path(PathKind.DENSE)]:
             out = layer.run(path, x)
             assert out.shape == (t, shape[1])
             assert rel_err(out, ref) < 3e-3, (t, path)
-            if path.split_k > 1:
+            if path.split_k > 1 or path.stream_k:
                 # The last block of a tile adds the partials in split order: bit-stable.
                 assert torch.equal(out, layer.run(path, x)), (t, path)
     assert int(workspace.counters.abs().sum()) == 0, "a split tile's counter was not reset"

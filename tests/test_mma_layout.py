@@ -6,6 +6,7 @@ and the reference dequantisation."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from engine.bench.layers import random_gptq_layer
@@ -101,6 +102,55 @@ def test_wgmma_token_blocks_and_splits() -> None:
             wg = mma.wgmma_split_candidates(t, w, 132, bn)
             assert wg[0] == 1 and set(mma.split_candidates(t, w, 132, bn)) <= set(wg)
             assert mma.max_partials(t, w, 132) >= max(wg) * t * 5120 or max(wg) == 1
+
+
+def _stream_k_runs(units: int, total: int, blocks: int) -> list[tuple[int, int, int, int, int]]:
+    """Every block's runs (block, tile block, first stage, stages, split), walked as the
+    kernel walks its share (csrc/w4a16_stream_k.h), the owner found by search, not by its
+    closed form."""
+    first = [b * total // blocks for b in range(blocks + 1)]
+    runs = []
+    for b in range(blocks):
+        u = first[b]
+        while u < first[b + 1]:
+            tb, k0 = divmod(u, units)
+            n = min(units - k0, first[b + 1] - u)
+            lo = max(c for c in range(blocks) if first[c] <= tb * units)
+            runs.append((b, tb, k0, n, b - lo))
+            u += n
+    return runs
+
+
+def test_stream_k_covers_every_stage_once_in_k_order() -> None:
+    """A stream-K launch's blocks cover each (tile block, K stage) unit exactly once, a tile
+    block's splits are numbered 0.. in K order, and the workspace is sized for the most
+    splits any tile block has."""
+    gen = torch.Generator().manual_seed(9)
+    for k, n in ((5120, 27648), (13824, 5120), (5120, 1024)):
+        weights, _ = random_gptq_layer(k, n, 4, 128, False, gen, device="cpu")
+        w = mma.repack(weights, torch.device("cpu"))
+        units = k // mma.STAGE_INPUTS
+        for bn in mma.WGMMA_BLOCKS:
+            total = mma.stream_k_units(w, bn)
+            assert total == -(-n // bn) * units
+            # At most one block a unit: a launch never has a block with an empty share.
+            for blocks in {b for b in (1, 7, 131, 132, 264, total // 12, total - 1) if 1 <= b <= total}:
+                runs = _stream_k_runs(units, total, blocks)
+                covered = sorted((tb, k0 + i) for _, tb, k0, c, _ in runs for i in range(c))
+                assert covered == [(tb, s) for tb in range(total // units) for s in range(units)]
+                splits: dict[int, list[tuple[int, int]]] = {}
+                for _, tb, k0, _, split in runs:
+                    splits.setdefault(tb, []).append((k0, split))
+                for parts in splits.values():
+                    assert [s for _, s in sorted(parts)] == list(range(len(parts)))
+                assert mma.stream_k_splits(w, bn, blocks) == max(map(len, splits.values()))
+            for t in (16, 64, 128, 512):
+                for g in mma.wgmma_stream_k_candidates(t, w, 132, bn):
+                    assert 1 <= g < total
+                    assert mma.max_partials(t, w, 132) >= \
+                        mma.stream_k_splits(w, bn, g) * t * n or mma.stream_k_splits(w, bn, g) == 1
+        with pytest.raises(ValueError):
+            mma.stream_k_splits(w, 128, mma.stream_k_units(w, 128) + 1)
 
 
 def test_build_targets_hopper_as_sm90a() -> None:

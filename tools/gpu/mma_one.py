@@ -3,7 +3,8 @@ split of the case (CUDA events, 50 launches each), prints them, then runs the ch
 fastest) split three times inside the NVTX range "profile", which tools/gpu/mma_ncu.sh
 profiles.
 Usage: python3 tools/gpu/mma_one.py IN OUT TOKENS BLOCK_N K_WARPS [SPLIT]
-(K_WARPS "w": the wgmma kernel with blocks of BLOCK_N rows.)
+(K_WARPS "w": the wgmma kernel with blocks of BLOCK_N rows; there SPLIT "skG" is a stream-K
+launch of G blocks, and STREAM_K=G1,G2,... times those stream-K grids beside the splits.)
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def main() -> None:
     k, n, m, block_n = (int(a) for a in sys.argv[1:5])
     wg = sys.argv[5] == "w"
     k_warps = 1 if wg else int(sys.argv[5])
-    chosen = int(sys.argv[6]) if len(sys.argv) > 6 else 0
+    chosen = sys.argv[6] if len(sys.argv) > 6 else ""
     dev = torch.device("cuda")
     w, _ = random_gptq_layer(k, n, 4, 128, False, torch.Generator(device="cuda").manual_seed(0))
     layer = MmaLinear(w, dev)
@@ -44,13 +45,17 @@ def main() -> None:
     x = torch.randn((m, k), device="cuda").half()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     times = {}
-    def path(split: int) -> Path:
+    def path(split: str) -> Path:
+        if wg and split.startswith("sk"):
+            return Path(PathKind.WGMMA, block_n=block_n, stream_k=int(split[2:]))
         if wg:
-            return Path(PathKind.WGMMA, split_k=split, block_n=block_n)
-        return Path(PathKind.MMA, split_k=split, block_n=block_n, k_warps=k_warps)
+            return Path(PathKind.WGMMA, split_k=int(split), block_n=block_n)
+        return Path(PathKind.MMA, split_k=int(split), block_n=block_n, k_warps=k_warps)
 
-    splits = (mma.wgmma_split_candidates(m, layer.w, sms, block_n) if wg
-              else mma.split_candidates(m, layer.w, sms, block_n))
+    splits = [str(s) for s in (mma.wgmma_split_candidates(m, layer.w, sms, block_n) if wg
+                               else mma.split_candidates(m, layer.w, sms, block_n))]
+    if wg:
+        splits += [f"sk{g}" for g in os.environ.get("STREAM_K", "").split(",") if g]
     for split in splits:
         p = path(split)
         times[split] = event_us(lambda p=p: layer.run(p, x))

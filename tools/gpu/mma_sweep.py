@@ -70,13 +70,16 @@ def check() -> None:
             for path in [PlanPath(PathKind.MMA, split_k=s, block_n=bn, k_warps=kw)
                          for s in splits for bn, kw in mma.GEOMETRIES] + [
                     PlanPath(PathKind.WGMMA, split_k=s, block_n=bn)
-                    for s in splits for bn in wg] + [PlanPath(PathKind.DENSE)]:
+                    for s in splits for bn in wg] + [
+                    PlanPath(PathKind.WGMMA, block_n=bn, stream_k=g) for bn in wg
+                    for g in mma.wgmma_stream_k_candidates(m, layer.w, SMS, bn)
+                    if m >= mma.WGMMA_MIN_TOKENS] + [PlanPath(PathKind.DENSE)]:
                 out = layer.run(path, x)
                 err = ((out.float() - r).norm() / r.norm()).item()
                 worst = max(worst, err)
                 if err > 3e-3:
                     log(f"FAIL group={group} act={act} m={m} {path.describe()}: {err:.2e}")
-                if path.split_k > 1:
+                if path.split_k > 1 or path.stream_k:
                     assert torch.equal(out, layer.run(path, x)), "split-K not deterministic"
         assert int(ws.counters.abs().sum()) == 0, "counters not reset"
         ratio = layer.nbytes / sum(t.numel() * t.element_size() for t in (
@@ -119,8 +122,12 @@ def sweep_shape(k: int, n: int, ws: SplitKWorkspace, ext) -> None:
                     lambda p=p: [la.run(p, x) for la in mlayers])
         row["wgmma"] = {}
         for bn in mma.WGMMA_BLOCKS if m <= mma.MAX_TOKENS and mma.wgmma_available() else ():
-            for s in mma.wgmma_split_candidates(m, mlayers[0].w, SMS, bn):
-                p = PlanPath(PathKind.WGMMA, split_k=s, block_n=bn)
+            paths = [PlanPath(PathKind.WGMMA, split_k=s, block_n=bn)
+                     for s in mma.wgmma_split_candidates(m, mlayers[0].w, SMS, bn)]
+            if m >= mma.WGMMA_MIN_TOKENS:
+                paths += [PlanPath(PathKind.WGMMA, block_n=bn, stream_k=g)
+                          for g in mma.wgmma_stream_k_candidates(m, mlayers[0].w, SMS, bn)]
+            for p in paths:
                 row["wgmma"][p.describe()[5:]] = graph_time_us(
                     lambda p=p: [la.run(p, x) for la in mlayers])
         p = PlanPath(PathKind.DENSE)
@@ -150,7 +157,7 @@ def summary() -> None:
     print(f"\n## w4a16 per layer call, us ({results['card']}, copy {results['copy_gbps']:.0f} "
           "GB/s); GB/s = packed bytes / best mma time")
     print("shape          M  mma_best  geometry/split  GB/s  best_k1    wgmma  block/split  "
-          "exllama  triton   fp16  mma_deq+mm")
+          "wg_nosk  exllama  triton   fp16  mma_deq+mm")
     for r in results["rows"]:  # type: ignore[union-attr]
         def f(v):
             return f"{v:7.1f}" if isinstance(v, float) else "      -"
@@ -163,8 +170,10 @@ def summary() -> None:
             split, us, gbps, k1 = "-", None, 0, None
         wsplit, wus = min(r["wgmma"].items(), key=lambda kv: kv[1]) if r.get("wgmma") \
             else ("-", None)
+        # the best wgmma launch of one block a (tile, K split), for comparison with stream-K
+        wk = min((v for key, v in r.get("wgmma", {}).items() if "sk" not in key), default=None)
         print(f"{r['k']:>5}x{r['n']:<6} {r['m']:>4} {f(us)} {split!s:>15} {gbps:5.0f} "
-              f"{f(k1)} {f(wus)} {wsplit!s:>12} {f(r.get('exllama'))} {f(r.get('triton'))} "
+              f"{f(k1)} {f(wus)} {wsplit!s:>12} {f(wk)} {f(r.get('exllama'))} {f(r.get('triton'))} "
               f"{f(r['fp16'])} {f(r['mma_dense'])}")
     print("\n## dequantisation alone, us a layer (GB/s of fp16 written)")
     for d in results.get("dequant", []):  # type: ignore[union-attr]

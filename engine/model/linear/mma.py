@@ -8,7 +8,9 @@ Paths per step (timed at load by ``plan.measure_plan``, like the other packed la
   when the grid is too small to fill the card;
 - ``WGMMA``: the same product on Hopper's warpgroup MMA (H100/H200: the module built for
   sm_90a), blocks of 128 or 256 outputs (``WGMMA_BLOCKS``) and 64 or 128 tokens, from
-  ``WGMMA_MIN_TOKENS``: at 64-128 tokens mma.sync's throughput bounds the other kernel;
+  ``WGMMA_MIN_TOKENS``: at 64-128 tokens mma.sync's throughput bounds the other kernel. Its
+  grid is either one block a (tile, K split) or stream-K: one or two persistent blocks a
+  multiprocessor, each taking an equal run of (tile, K stage) work (csrc/w4a16_stream_k.h);
 - ``DENSE``: dequantise into the shared scratch matrix (or a kept dense copy with
   ``dense_weights``), then cuBLAS: large prefill steps.
 
@@ -262,11 +264,47 @@ def wgmma_split_candidates(num_tokens: int, w: MmaWeights, sms: int, block_n: in
     return split_candidates(num_tokens, w, sms, block_n, wgmma_token_block(num_tokens))
 
 
+def stream_k_units(w: MmaWeights, block_n: int) -> int:
+    """The (tile block, K stage) units of one token block's work in a stream-K launch."""
+    return -(-w.out_features // block_n) * (w.in_features // STAGE_INPUTS)
+
+
+def wgmma_stream_k_candidates(num_tokens: int, w: MmaWeights, sms: int,
+                              block_n: int) -> list[int]:
+    """The persistent blocks a token block worth timing for a stream-K wgmma launch: one or
+    two a multiprocessor over the token blocks (which of the two fits depends on the
+    instantiation's registers and shared memory; the plan measures both), fewer than the
+    units so that each block takes a run of them."""
+    token_blocks = -(-num_tokens // wgmma_token_block(num_tokens))
+    units = stream_k_units(w, block_n)
+    return sorted({g for g in (sms // token_blocks, 2 * sms // token_blocks) if 1 <= g < units})
+
+
+def stream_k_splits(w: MmaWeights, block_n: int, blocks: int) -> int:
+    """The most partial sums of one output tile a stream-K launch of ``blocks`` writes: the
+    arithmetic of csrc/w4a16_stream_k.h (StreamK::max_splits), for sizing the workspace."""
+    units = w.in_features // STAGE_INPUTS
+    total = stream_k_units(w, block_n)
+    if not 1 <= blocks <= total:
+        raise ValueError(f"stream_k must be 1 to {total} blocks for this layer, not {blocks}")
+    if total * blocks > 0xFFFFFFFF:  # the kernel's shares are 32-bit arithmetic
+        raise ValueError(f"stream_k: {total} units x {blocks} blocks is too many for one launch")
+
+    def owner(u: int) -> int:  # the block whose share holds unit u
+        return ((u + 1) * blocks - 1) // total
+
+    return max(owner(tb * units + units - 1) - owner(tb * units) + 1
+               for tb in range(total // units))
+
+
 def max_partials(num_tokens: int, w: MmaWeights, sms: int) -> int:
     """fp32 workspace elements the split launches timed at ``num_tokens`` need (0: none)."""
     split = max(max(split_candidates(num_tokens, w, sms, bn)) for bn, _ in GEOMETRIES)
     split = max(split, *(max(wgmma_split_candidates(num_tokens, w, sms, bn))
                          for bn in WGMMA_BLOCKS))
+    if num_tokens >= WGMMA_MIN_TOKENS:
+        split = max(split, *(stream_k_splits(w, bn, g) for bn in WGMMA_BLOCKS
+                             for g in wgmma_stream_k_candidates(num_tokens, w, sms, bn)))
     return split * num_tokens * w.out_features if split > 1 else 0
 
 
@@ -304,12 +342,17 @@ def matmul(x: torch.Tensor, w: MmaWeights, split_k: int, block_n: int,
 
 
 def matmul_wgmma(x: torch.Tensor, w: MmaWeights, split_k: int, block_n: int,
-                 workspace: SplitKWorkspace | None) -> torch.Tensor:
+                 workspace: SplitKWorkspace | None, stream_k: int = 0) -> torch.Tensor:
     """As ``matmul``, on the wgmma kernel (only where ``wgmma_available``); ``block_n``: one of
-    ``WGMMA_BLOCKS``."""
+    ``WGMMA_BLOCKS``. ``stream_k``: 0, or a stream-K launch of that many persistent blocks a
+    token block (``split_k`` 1; the workspace holds ``stream_k_splits`` partial sums)."""
     if block_n not in WGMMA_BLOCKS:
         raise ValueError(f"no wgmma block of {block_n} rows; one of {WGMMA_BLOCKS}")
-    return load_ext().matmul_wgmma(*_launch_args(x, w, split_k, workspace), block_n)
+    if stream_k and split_k != 1:
+        raise ValueError("stream_k replaces split_k: pass split_k=1")
+    splits = stream_k_splits(w, block_n, stream_k) if stream_k else split_k
+    args = _launch_args(x, w, splits, workspace)
+    return load_ext().matmul_wgmma(*args[:-1], split_k, block_n, stream_k)
 
 
 def dequantize_into(w: MmaWeights, out: torch.Tensor,

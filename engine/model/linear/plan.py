@@ -9,7 +9,7 @@ Candidates: for layers in the Triton/exllamav2 layout, exllamav2's 4-bit kernel 
 tokens) and the Triton kernels with a few tile shapes and input-dimension splits chosen from the
 multiprocessor count; for layers in the tensor-core kernel's layout (``mma.py``), that kernel
 with each of its block widths and K splits (up to ``mma.MAX_TOKENS``), on Hopper its wgmma
-form too (from ``mma.WGMMA_MIN_TOKENS``); for both, the dense path (from 32
+form too (from ``mma.WGMMA_MIN_TOKENS``; K splits and stream-K grids); for both, the dense path (from 32
 tokens). The Triton tile shapes are the ones the H200 sweep in tools/gpu kept
 (docs/benchmarks.md); the split sizes follow the card's multiprocessor count.
 """
@@ -51,13 +51,15 @@ class Path:
     split_k: int = 1  # MMA and WGMMA only
     block_n: int = 128  # MMA and WGMMA only: output rows a block and (MMA only)
     k_warps: int = 1  # warps sharing a tile along K (one of mma.GEOMETRIES)
+    stream_k: int = 0  # WGMMA only: persistent blocks a token block of a stream-K launch
 
     def describe(self) -> str:
         if self.kind is PathKind.MMA:
             k = f"k{self.k_warps}" if self.k_warps > 1 else ""
             return f"mma{self.block_n}{k}/{self.split_k}"
         if self.kind is PathKind.WGMMA:
-            return f"wgmma{self.block_n}/{self.split_k}"
+            share = f"sk{self.stream_k}" if self.stream_k else str(self.split_k)
+            return f"wgmma{self.block_n}/{share}"
         if self.kind is not PathKind.TRITON or self.config is None:
             return self.kind.value
         c = self.config
@@ -167,6 +169,9 @@ def candidates(layer: PackedLinear, num_tokens: int, sms: int) -> list[Path]:
                 paths += [Path(PathKind.WGMMA, split_k=s, block_n=bn)
                           for bn in mma.WGMMA_BLOCKS
                           for s in mma.wgmma_split_candidates(num_tokens, layer.w, sms, bn)]
+                paths += [Path(PathKind.WGMMA, block_n=bn, stream_k=g)
+                          for bn in mma.WGMMA_BLOCKS
+                          for g in mma.wgmma_stream_k_candidates(num_tokens, layer.w, sms, bn)]
     else:
         paths += [Path(PathKind.TRITON, c)
                   for c in triton_candidates(num_tokens, layer.out_features, sms)]

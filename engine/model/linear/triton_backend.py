@@ -175,7 +175,8 @@ class MmaLinear:
             out = torch.mm(mma.sorted_input(x, self.w), dense)
             return out if self.w.bias is None else out + self.w.bias
         if path.kind is PathKind.WGMMA:
-            return mma.matmul_wgmma(x, self.w, path.split_k, path.block_n, self.workspace)
+            return mma.matmul_wgmma(x, self.w, path.split_k, path.block_n, self.workspace,
+                                    path.stream_k)
         assert path.kind is PathKind.MMA
         return mma.matmul(x, self.w, path.split_k, path.block_n, self.workspace, path.k_warps)
 

@@ -6,6 +6,7 @@
 
 #include "w4a16_dequant.cuh"
 #include "w4a16_mma_launch.h"
+#include "w4a16_stream_k.h"
 
 namespace {
 
@@ -28,14 +29,15 @@ int64_t tokens_a_block(int64_t M) { return M <= 8 ? 8 : M <= 16 ? 16 : M <= 32 ?
 
 // The checked arguments of one product: out = x[:, perm] @ W (+ bias), x [M, K] fp16 (columns
 // in checkpoint order; perm int64 [K], the input row of each sorted position, or None), qw
-// int32 [N/16, K/64, 32, 4], meta fp16 [groups, N, 2]. ws: fp32 with >= split_k * M * N
+// int32 [N/16, K/64, 32, 4], meta fp16 [groups, N, 2]. ws: fp32 with >= splits * M * N
 // elements and counters: int32 zeros, >= ceil(M / tokens_a_block(M)) * N / 16, when
-// split_k > 1. Returns the launch arguments and out (x, gathered or realigned, kept alive in
-// ``x``).
+// splits > 1 (the partial sums a launch may write: its split_k, or a stream-K launch's
+// StreamK::max_splits). Returns the launch arguments (split_k = splits, no stream-K) and out
+// (x, gathered or realigned, kept alive in ``x``).
 gptq_mma::GemmArgs prepare(torch::Tensor& x, const c10::optional<torch::Tensor>& perm,
                            const torch::Tensor& qw, const torch::Tensor& meta, int64_t group,
                            const c10::optional<torch::Tensor>& bias, const torch::Tensor& ws,
-                           const torch::Tensor& counters, int64_t split_k, torch::Tensor& out) {
+                           const torch::Tensor& counters, int64_t splits, torch::Tensor& out) {
   check(x, torch::kHalf, "x");
   check(qw, torch::kInt32, "qweight");
   check(meta, torch::kHalf, "meta");
@@ -46,12 +48,12 @@ gptq_mma::GemmArgs prepare(torch::Tensor& x, const c10::optional<torch::Tensor>&
   TORCH_CHECK(meta.size(0) == K / group && meta.size(1) == N, "meta does not match the layer");
   TORCH_CHECK(K % gptq_mma::kStageInputs == 0, "in_features must be a multiple of ",
               gptq_mma::kStageInputs);
-  TORCH_CHECK(split_k >= 1 && split_k <= K / gptq_mma::kStageInputs, "split_k out of range");
+  TORCH_CHECK(splits >= 1 && splits <= K / gptq_mma::kStageInputs, "split_k out of range");
   if (bias) check(*bias, torch::kHalf, "bias");
-  if (split_k > 1) {
+  if (splits > 1) {
     check(ws, torch::kFloat, "workspace");
     check(counters, torch::kInt32, "counters");
-    TORCH_CHECK(ws.numel() >= split_k * M * N, "workspace too small");
+    TORCH_CHECK(ws.numel() >= splits * M * N, "workspace too small");
     const int64_t blocks = (M + tokens_a_block(M) - 1) / tokens_a_block(M);
     TORCH_CHECK(counters.numel() >= blocks * (N / 16), "too few counters");
   }
@@ -71,9 +73,9 @@ gptq_mma::GemmArgs prepare(torch::Tensor& x, const c10::optional<torch::Tensor>&
       bias ? reinterpret_cast<const half*>(bias->data_ptr<at::Half>()) : nullptr,
       reinterpret_cast<half*>(out.data_ptr<at::Half>()), static_cast<int>(N),
       static_cast<int>(out.stride(0)),
-      split_k > 1 ? const_cast<float*>(ws.data_ptr<float>()) : nullptr,
-      split_k > 1 ? const_cast<int32_t*>(counters.data_ptr<int32_t>()) : nullptr,
-      static_cast<int>(split_k), at::cuda::getCurrentCUDAStream()};
+      splits > 1 ? const_cast<float*>(ws.data_ptr<float>()) : nullptr,
+      splits > 1 ? const_cast<int32_t*>(counters.data_ptr<int32_t>()) : nullptr,
+      static_cast<int>(splits), 0, at::cuda::getCurrentCUDAStream()};
 }
 
 // The mma.sync product (arguments as ``prepare``). block_n: output rows a block (128 or 256);
@@ -111,19 +113,46 @@ bool wgmma_available() {
   return compiled;
 }
 
+// The stream-K decomposition of a wgmma launch with ``blocks`` persistent blocks a token
+// block over blocks of ``block_n`` output rows (w4a16_stream_k.h).
+gptq_mma::StreamK stream_k_of(int64_t K, int64_t N, int64_t block_n, int64_t blocks) {
+  const int64_t units = K / gptq_mma::kStageInputs;
+  const int64_t total = (N + block_n - 1) / block_n * units;
+  TORCH_CHECK(blocks >= 1 && blocks <= total, "stream_k must be 1 to ", total,
+              " blocks for this layer");
+  TORCH_CHECK(total * blocks <= 0xffffffffLL, "stream_k: too many units for 32-bit shares");
+  return gptq_mma::StreamK{static_cast<int>(units), static_cast<int>(total),
+                           static_cast<int>(blocks)};
+}
+
+// The most partial sums of one output tile a stream-K launch writes (its workspace holds
+// that many times M x N floats).
+int64_t stream_k_splits(int64_t K, int64_t N, int64_t block_n, int64_t blocks) {
+  return stream_k_of(K, N, block_n, blocks).max_splits();
+}
+
 // The wgmma product (arguments as ``prepare``; Hopper only: wgmma_available()); block_n: 128
-// or 256 output rows a block.
+// or 256 output rows a block. stream_k: 0, or that many persistent blocks a token block
+// taking equal shares of the work (split_k must then be 1).
 torch::Tensor matmul_wgmma(torch::Tensor x, c10::optional<torch::Tensor> perm,
                            torch::Tensor qw, torch::Tensor meta, int64_t group,
                            c10::optional<torch::Tensor> bias, torch::Tensor ws,
-                           torch::Tensor counters, int64_t split_k, int64_t block_n) {
+                           torch::Tensor counters, int64_t split_k, int64_t block_n,
+                           int64_t stream_k) {
   TORCH_CHECK(block_n == 128 || block_n == 256, "block_n must be 128 or 256");
+  TORCH_CHECK(stream_k == 0 || split_k == 1, "stream_k replaces split_k: pass split_k=1");
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(wgmma_available(), "the wgmma kernel is not compiled for this device "
               "(it needs sm_90a: TORCH_CUDA_ARCH_LIST=9.0a)");
+  const int64_t splits =
+      stream_k ? stream_k_splits(x.size(1), qw.size(0) * 16, block_n, stream_k) : split_k;
   torch::Tensor out;
-  const auto args = prepare(x, perm, qw, meta, group, bias, ws, counters, split_k, out);
+  auto args = prepare(x, perm, qw, meta, group, bias, ws, counters, splits, out);
   if (args.M == 0) return out;
+  if (stream_k) {
+    args.split_k = 1;
+    args.stream_k = static_cast<int>(stream_k);
+  }
   C10_CUDA_CHECK(block_n == 128 ? gptq_mma::launch_wgmma<1>(args)
                                 : gptq_mma::launch_wgmma<2>(args));
   return out;
@@ -163,6 +192,8 @@ void dequantize(torch::Tensor qw, torch::Tensor meta, int64_t group, torch::Tens
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matmul", &matmul, "w4a16 tensor-core product (mma.sync)");
   m.def("matmul_wgmma", &matmul_wgmma, "w4a16 tensor-core product (wgmma, sm_90a)");
+  m.def("stream_k_splits", &stream_k_splits,
+        "the most partial sums of one tile a stream-K wgmma launch writes");
   m.def("wgmma_available", &wgmma_available, "whether the wgmma kernel runs on this device");
   m.def("dequantize", &dequantize, "dense weight of the w4a16 layout");
 }

@@ -21,6 +21,9 @@ struct GemmArgs {
   float* ws;  // split_k > 1: >= split_k * M * N floats
   int* counters;  // split_k > 1: zeros, >= blocks along M * N / 16
   int split_k;
+  // wgmma only: 0, or the persistent blocks a token block of a stream-K launch (split_k 1;
+  // ws and counters as for that many splits: see stream_k_splits in the binding).
+  int stream_k;
   cudaStream_t stream;
 };
 

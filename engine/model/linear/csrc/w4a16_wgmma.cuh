@@ -26,6 +26,7 @@
 #pragma once
 
 #include "w4a16_mma.cuh"
+#include "w4a16_stream_k.h"
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define GPTQ_WGMMA_ENABLED 1
@@ -140,15 +141,17 @@ __device__ __forceinline__ void wgmma_tile(float (&d)[8 * NB][4], const uint32_t
 }
 #endif
 
-// Arguments as w4a16_gemm_kernel's. Grid: (ceil(M / 64 NB), split_k, ceil(N / 16 / 8 TPW)),
-// 256 threads, dynamic shared memory WgShape::kSmemBytes.
+// Arguments as w4a16_gemm_kernel's, and stream_k: 0, or G persistent blocks a token block
+// (w4a16_stream_k.h; split_k is then 1). Grid: (ceil(M / 64 NB), split_k, ceil(N / 16 / 8 TPW)), or
+// (ceil(M / 64 NB), G, 1) with stream_k; 256 threads, dynamic shared memory
+// WgShape::kSmemBytes.
 template <int TPW, int NB, bool SMALL_GROUPS>
 __global__ void __launch_bounds__(kGemmThreads, (WgShape<TPW, NB, SMALL_GROUPS>::kMinBlocks))
 w4a16_wgmma_kernel(const half* __restrict__ x, int M, int K, int ldx,
                    const uint4* __restrict__ qw, const half2* __restrict__ meta,
                    int group_shift, const half* __restrict__ bias, half* __restrict__ out,
                    int N, int ldo, float* __restrict__ ws, int* __restrict__ counters,
-                   int split_k) {
+                   int split_k, int stream_k) {
 #ifdef GPTQ_WGMMA_ENABLED
   using S = WgShape<TPW, NB, SMALL_GROUPS>;
   extern __shared__ __align__(128) uint8_t smem[];
@@ -156,47 +159,20 @@ w4a16_wgmma_kernel(const half* __restrict__ x, int M, int K, int ldx,
   const int wg = tid >> 7, q = (tid >> 5) & 3;
   const int g = lane >> 2;
   const int tiles = N / 16;
-  const int tile0 = blockIdx.z * S::kTiles;
-  const KShare share(K, split_k);
-  const int u_lo = share.u_lo, n_stages = share.n_stages;
   const int m0 = blockIdx.x * S::kTokens;
   const uint32_t smem0 = smem_addr(smem);
-
-  const WeightCopies<S::kTiles, S::kRows, S::kMetaGroups, S::kWeightBytes + S::kXBytes> wcopy(
-      tid, qw, tile0, tiles, K, u_lo, group_shift, N);
-  // Token rows: 16-byte piece v of row r goes to (v * kTokens + r) * 16. Neighbouring threads
-  // take the two pieces of a 32-byte sector, then the next row.
-  constexpr int kXCopies = S::kTokens * kStageChunks * 8 / kGemmThreads;
-  const half* x_src[kXCopies];
-  uint32_t x_dst[kXCopies];
-  bool x_on[kXCopies];
-#pragma unroll
-  for (int n = 0; n < kXCopies; ++n) {
-    const int i = tid + n * kGemmThreads;
-    const int r = (i >> 1) % S::kTokens;
-    const int v = ((i >> 1) / S::kTokens) * 2 + (i & 1);
-    x_on[n] = m0 + r < M;
-    x_src[n] = x + (size_t)(m0 + r) * ldx + (size_t)u_lo * kStageInputs + v * 8;
-    x_dst[n] = S::kWeightBytes + (v * S::kTokens + r) * 16;
+  const StreamK sk{K / kStageInputs, (tiles + S::kTiles - 1) / S::kTiles * (K / kStageInputs),
+                   stream_k};
+  int u = 0, u_end = 0;  // stream-K: the rest of this block's share
+  Segment seg;
+  if (stream_k) {
+    u = sk.first(blockIdx.y);
+    u_end = sk.first(blockIdx.y + 1);
+    seg = sk.at(u, u_end, blockIdx.y);
+  } else {
+    const KShare share(K, split_k);
+    seg = Segment{static_cast<int>(blockIdx.z), share.u_lo, share.n_stages, share.split, split_k};
   }
-  auto load_stage = [&](int s) {
-    const uint32_t base = smem0 + (s % S::kStages) * S::kStageBytes;
-    wcopy.issue(tid, base, s, meta, u_lo, group_shift, N);
-#pragma unroll
-    for (int n = 0; n < kXCopies; ++n)
-      if (x_on[n]) cp_async(base + x_dst[n], x_src[n] + (size_t)s * kStageInputs);
-  };
-
-  float acc[TPW][8 * NB][4];
-#pragma unroll
-  for (int i = 0; i < TPW; ++i)
-#pragma unroll
-    for (int j = 0; j < 8 * NB; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        acc[i][j][e] = 0.f;
-        fence_operand(acc[i][j][e]);
-      }
 
   // This warp's tiles within the block, its weights' and metadata's offsets in a stage.
   int w_off[TPW];
@@ -209,76 +185,124 @@ w4a16_wgmma_kernel(const half* __restrict__ x, int M, int K, int ldx,
   }
   const uint64_t desc0 = smem_descriptor(smem0 + S::kWeightBytes, S::kLeading, S::kStride);
 
-  // Copies run kAhead = S::kStages - 2 stages ahead (not all but one, as in the other kernel):
-  // the buffer refilled at stage s is stage s - 2's, whose MMAs every warpgroup has retired
-  // (at most kInFlight steps of stage s - 1 are outstanding when the block syncs), so the
-  // MMAs never drain at a stage's end.
-  constexpr int kAhead = S::kStages - 2;
-  static_assert(kAhead >= 1 && kStageChunks * 4 >= kInFlight, "the MMAs must not outrun a stage");
-  // kInFlight + 1 sets of A registers: step k + 1 dequantises into the set of step
-  // k - kInFlight, retired, while steps k - kInFlight + 1 .. k run (sets follow the step
-  // across stages: a stage's steps are a multiple of the sets).
-  static_assert(kStageChunks * 4 % (kInFlight + 1) == 0, "A sets must line up across stages");
-  uint32_t a[kInFlight + 1][TPW][4];
+  for (;;) {
+    const int tile0 = seg.tile_block * S::kTiles;
+    const int u_lo = seg.u_lo, n_stages = seg.n_stages;
+    const WeightCopies<S::kTiles, S::kRows, S::kMetaGroups, S::kWeightBytes + S::kXBytes>
+        wcopy(tid, qw, tile0, tiles, K, u_lo, group_shift, N);
+    // Token rows: 16-byte piece v of row r goes to (v * kTokens + r) * 16. Neighbouring
+    // threads take the two pieces of a 32-byte sector, then the next row.
+    constexpr int kXCopies = S::kTokens * kStageChunks * 8 / kGemmThreads;
+    const half* x_src[kXCopies];
+    uint32_t x_dst[kXCopies];
+    bool x_on[kXCopies];
 #pragma unroll
-  for (int s = 0; s < kAhead; ++s) {
-    if (s < n_stages) load_stage(s);
-    cp_async_commit();
-  }
-  for (int s = 0; s < n_stages; ++s) {
-    cp_async_wait<kAhead - 1>();
-    fence_async_shared();  // this thread's copies of stage s, visible to the tensor cores
-    __syncthreads();  // ... every thread's; stage s - 2 is retired and free to refill
-    if (s + kAhead < n_stages) load_stage(s + kAhead);
-    cp_async_commit();
-    const uint8_t* base = smem + (s % S::kStages) * S::kStageBytes;
-    const uint64_t desc_stage = desc0 + (((s % S::kStages) * S::kStageBytes) >> 4);
-    const int k_first = (u_lo + s) * kStageInputs;
-    const int g_first = k_first >> group_shift;
+    for (int n = 0; n < kXCopies; ++n) {
+      const int i = tid + n * kGemmThreads;
+      const int r = (i >> 1) % S::kTokens;
+      const int v = ((i >> 1) / S::kTokens) * 2 + (i & 1);
+      x_on[n] = m0 + r < M;
+      x_src[n] = x + (size_t)(m0 + r) * ldx + (size_t)u_lo * kStageInputs + v * 8;
+      x_dst[n] = S::kWeightBytes + (v * S::kTokens + r) * 16;
+    }
+    auto load_stage = [&](int s) {
+      const uint32_t base = smem0 + (s % S::kStages) * S::kStageBytes;
+      wcopy.issue(tid, base, s, meta, u_lo, group_shift, N);
 #pragma unroll
-    for (int kk = 0; kk < kStageChunks; ++kk) {
-      uint4 wv[TPW];
+      for (int n = 0; n < kXCopies; ++n)
+        if (x_on[n]) cp_async(base + x_dst[n], x_src[n] + (size_t)s * kStageInputs);
+    };
+
+    float acc[TPW][8 * NB][4];
 #pragma unroll
-      for (int i = 0; i < TPW; ++i)
-        wv[i] = *reinterpret_cast<const uint4*>(base + w_off[i] + kk * 512);
-      half2 scale[TPW][2], zero[TPW][2];
+    for (int i = 0; i < TPW; ++i)
 #pragma unroll
-      for (int s4 = 0; s4 < 4; ++s4) {
-        const int step = kk * 4 + s4, set = step % (kInFlight + 1);
-        if (s4 == 0 || SMALL_GROUPS) {
-          const int gl = ((k_first + kk * 64 + s4 * 16) >> group_shift) - g_first;
+      for (int j = 0; j < 8 * NB; ++j)
 #pragma unroll
-          for (int i = 0; i < TPW; ++i)
-            group_meta(base + meta_off[i] + gl * S::kRows * 4, scale[i], zero[i]);
+        for (int e = 0; e < 4; ++e) {
+          acc[i][j][e] = 0.f;
+          fence_operand(acc[i][j][e]);
         }
+
+    // Copies run kAhead = S::kStages - 2 stages ahead (not all but one, as in the other
+    // kernel): the buffer refilled at stage s is stage s - 2's, whose MMAs every warpgroup has
+    // retired (at most kInFlight steps of stage s - 1 are outstanding when the block syncs),
+    // so the MMAs never drain at a stage's end.
+    constexpr int kAhead = S::kStages - 2;
+    static_assert(kAhead >= 1 && kStageChunks * 4 >= kInFlight,
+                  "the MMAs must not outrun a stage");
+    // kInFlight + 1 sets of A registers: step k + 1 dequantises into the set of step
+    // k - kInFlight, retired, while steps k - kInFlight + 1 .. k run (sets follow the step
+    // across stages: a stage's steps are a multiple of the sets).
+    static_assert(kStageChunks * 4 % (kInFlight + 1) == 0, "A sets must line up across stages");
+    uint32_t a[kInFlight + 1][TPW][4];
 #pragma unroll
-        for (int i = 0; i < TPW; ++i) {
-          const uint32_t word = s4 == 0 ? wv[i].x : s4 == 1 ? wv[i].y : s4 == 2 ? wv[i].z : wv[i].w;
-          dequant(word, zero[i][0], scale[i][0], zero[i][1], scale[i][1], a[set][i]);
+    for (int s = 0; s < kAhead; ++s) {
+      if (s < n_stages) load_stage(s);
+      cp_async_commit();
+    }
+    for (int s = 0; s < n_stages; ++s) {
+      cp_async_wait<kAhead - 1>();
+      fence_async_shared();  // this thread's copies of stage s, visible to the tensor cores
+      __syncthreads();  // ... every thread's; stage s - 2 is retired and free to refill
+      if (s + kAhead < n_stages) load_stage(s + kAhead);
+      cp_async_commit();
+      const uint8_t* base = smem + (s % S::kStages) * S::kStageBytes;
+      const uint64_t desc_stage = desc0 + (((s % S::kStages) * S::kStageBytes) >> 4);
+      const int k_first = (u_lo + s) * kStageInputs;
+      const int g_first = k_first >> group_shift;
+#pragma unroll
+      for (int kk = 0; kk < kStageChunks; ++kk) {
+        uint4 wv[TPW];
+#pragma unroll
+        for (int i = 0; i < TPW; ++i)
+          wv[i] = *reinterpret_cast<const uint4*>(base + w_off[i] + kk * 512);
+        half2 scale[TPW][2], zero[TPW][2];
+#pragma unroll
+        for (int s4 = 0; s4 < 4; ++s4) {
+          const int step = kk * 4 + s4, set = step % (kInFlight + 1);
+          if (s4 == 0 || SMALL_GROUPS) {
+            const int gl = ((k_first + kk * 64 + s4 * 16) >> group_shift) - g_first;
+#pragma unroll
+            for (int i = 0; i < TPW; ++i)
+              group_meta(base + meta_off[i] + gl * S::kRows * 4, scale[i], zero[i]);
+          }
+#pragma unroll
+          for (int i = 0; i < TPW; ++i) {
+            const uint32_t word =
+                s4 == 0 ? wv[i].x : s4 == 1 ? wv[i].y : s4 == 2 ? wv[i].z : wv[i].w;
+            dequant(word, zero[i][0], scale[i][0], zero[i][1], scale[i][1], a[set][i]);
+          }
+          wgmma_fence();  // the A registers were just written
+          // Inputs 16 step .. +15 are core matrices 2 step and 2 step + 1 along K.
+          const uint64_t desc_step = desc_stage + ((2 * step * S::kLeading) >> 4);
+#pragma unroll
+          for (int i = 0; i < TPW; ++i) wgmma_tile<NB>(acc[i], a[set][i], desc_step);
+          wgmma_commit();
+          wgmma_wait<kInFlight>();  // step - kInFlight is retired: its A set may be rewritten
         }
-        wgmma_fence();  // the A registers were just written
-        // Inputs 16 step .. +15 are core matrices 2 step and 2 step + 1 along K.
-        const uint64_t desc_step = desc_stage + ((2 * step * S::kLeading) >> 4);
-#pragma unroll
-        for (int i = 0; i < TPW; ++i) wgmma_tile<NB>(acc[i], a[set][i], desc_step);
-        wgmma_commit();
-        wgmma_wait<kInFlight>();  // step - kInFlight is retired: its A set may be rewritten
       }
     }
-  }
-  wgmma_wait<0>();
-  cp_async_wait<0>();
+    wgmma_wait<0>();
+    cp_async_wait<0>();
 #pragma unroll
-  for (int i = 0; i < TPW; ++i)
+    for (int i = 0; i < TPW; ++i)
 #pragma unroll
-    for (int j = 0; j < 8 * NB; ++j)
+      for (int j = 0; j < 8 * NB; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) fence_operand(acc[i][j][e]);
+        for (int e = 0; e < 4; ++e) fence_operand(acc[i][j][e]);
 
-  const TileStore store{M, N, ldo, bias, out, ws, counters + blockIdx.x * tiles, share.split,
-                        split_k};
+    const TileStore store{M, N, ldo, bias, out, ws, counters + blockIdx.x * tiles, seg.split,
+                          seg.splits};
 #pragma unroll
-  for (int i = 0; i < TPW; ++i) store.store<8 * NB>(acc[i], tile0 + (wg * TPW + i) * 4 + q, m0, lane);
+    for (int i = 0; i < TPW; ++i)
+      store.store<8 * NB>(acc[i], tile0 + (wg * TPW + i) * 4 + q, m0, lane);
+
+    u += n_stages;
+    if (u >= u_end) break;  // always, without stream-K (u_end = 0)
+    seg = sk.at(u, u_end, blockIdx.y);
+    __syncthreads();  // every warp is done with the stage buffers the next run refills
+  }
 #endif
 }
 

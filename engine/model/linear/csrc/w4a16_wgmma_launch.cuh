@@ -14,11 +14,12 @@ cudaError_t launch_wgmma_one(const GemmArgs& a) {
   static const cudaError_t configured = cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes);
   if (configured != cudaSuccess) return configured;
-  const dim3 grid((a.M + S::kTokens - 1) / S::kTokens, a.split_k,
-                  (a.N / 16 + S::kTiles - 1) / S::kTiles);
+  const int m_blocks = (a.M + S::kTokens - 1) / S::kTokens;
+  const dim3 grid = a.stream_k ? dim3(m_blocks, a.stream_k, 1)
+                               : dim3(m_blocks, a.split_k, (a.N / 16 + S::kTiles - 1) / S::kTiles);
   kernel<<<grid, kGemmThreads, S::kSmemBytes, a.stream>>>(
       a.x, a.M, a.K, a.ldx, a.qw, a.meta, a.group_shift, a.bias, a.out, a.N, a.ldo, a.ws,
-      a.counters, a.split_k);
+      a.counters, a.split_k, a.stream_k);
   return cudaGetLastError();
 }
 
