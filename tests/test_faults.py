@@ -166,8 +166,10 @@ async def test_a_dead_engine_loop_ends_every_request_and_health_turns_503(
     server = servers[0]
     figures = Figures("fault_loop_crash")
     async with httpx.AsyncClient(base_url=server.url, timeout=CLIENT_TIMEOUT) as client:
-        running = asyncio.create_task(stream(client, NORMAL[0], max_tokens=200))
-        plain = asyncio.create_task(complete(client, NORMAL[1], max_tokens=200))
+        # Long enough (the context is 512) that neither can finish before the crash lands,
+        # also when the tiny model decodes fast.
+        running = asyncio.create_task(stream(client, NORMAL[0], max_tokens=440))
+        plain = asyncio.create_task(complete(client, NORMAL[1], max_tokens=440))
         await asyncio.sleep(0.3)
         crash = asyncio.create_task(stream(client, f"{MARKS['loop_crash']} x"))
         (rs, data), rp, (rc, datac) = await asyncio.gather(running, plain, crash)
