@@ -83,7 +83,8 @@ def test_token_tiles_and_splits() -> None:
         splits = mma.split_candidates(1, w, sms=132, block_n=bn)
         # Every split keeps two pipeline stages of the 8 in K = 1024.
         assert splits == [1, 2, 3, 4], splits
-    assert mma.max_partials(1, w, 132) == 4 * 64
+    # A split keeps whole token blocks' partials: one token is a block of 8.
+    assert mma.max_partials(1, w, 132) == 4 * 8 * 64
     # A grid that already fills the card is not split further than ~6 blocks a multiprocessor.
     big, _ = random_gptq_layer(5120, 2048, 4, 128, False, gen, device="cpu")
     wb = mma.repack(big, torch.device("cpu"))
@@ -97,11 +98,14 @@ def test_wgmma_token_blocks_and_splits() -> None:
     w = mma.repack(weights, torch.device("cpu"))
     # 128-token blocks: a 512-token step is 4 blocks along M, not 8, so splits stay allowed
     # longer, and the workspace is sized for the larger of the two kernels' splits.
-    for t in (64, 128, 512):
+    for t in (64, 100, 128, 200, 512):
+        block = mma.wgmma_token_block(t)
         for bn in mma.WGMMA_BLOCKS:
             wg = mma.wgmma_split_candidates(t, w, 132, bn)
             assert wg[0] == 1 and set(mma.split_candidates(t, w, 132, bn)) <= set(wg)
-            assert mma.max_partials(t, w, 132) >= max(wg) * t * 5120 or max(wg) == 1
+            # whole blocks of 128 tokens: 100 tokens need the partials of 128
+            assert mma.max_partials(t, w, 132) >= max(wg) * -(-t // block) * block * 5120 \
+                or max(wg) == 1
 
 
 def _stream_k_runs(units: int, total: int, blocks: int) -> list[tuple[int, int, int, int, int]]:
@@ -144,11 +148,12 @@ def test_stream_k_covers_every_stage_once_in_k_order() -> None:
                 for parts in splits.values():
                     assert [s for _, s in sorted(parts)] == list(range(len(parts)))
                 assert mma.stream_k_splits(w, bn, blocks) == max(map(len, splits.values()))
-            for t in (16, 64, 128, 512):
+            for t in (16, 64, 100, 128, 512):
+                padded = -(-t // mma.wgmma_token_block(t)) * mma.wgmma_token_block(t)
                 for g in mma.wgmma_stream_k_candidates(t, w, 132, bn):
                     assert 1 <= g < total
-                    assert mma.max_partials(t, w, 132) >= \
-                        mma.stream_k_splits(w, bn, g) * t * n or mma.stream_k_splits(w, bn, g) == 1
+                    assert mma.max_partials(t, w, 132) >= mma.stream_k_splits(w, bn, g) * \
+                        padded * n or mma.stream_k_splits(w, bn, g) == 1
         with pytest.raises(ValueError):
             mma.stream_k_splits(w, 128, mma.stream_k_units(w, 128) + 1)
 

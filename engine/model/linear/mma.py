@@ -298,14 +298,20 @@ def stream_k_splits(w: MmaWeights, block_n: int, blocks: int) -> int:
 
 
 def max_partials(num_tokens: int, w: MmaWeights, sms: int) -> int:
-    """fp32 workspace elements the split launches timed at ``num_tokens`` need (0: none)."""
+    """fp32 workspace elements the split launches the plan times at ``num_tokens`` need (0:
+    none). A split keeps whole token blocks' partials (csrc TileStore), so the tokens count
+    rounded up to the kernel's block: mma.sync's, or from ``WGMMA_MIN_TOKENS`` the wgmma
+    form's (a multiple of it)."""
     split = max(max(split_candidates(num_tokens, w, sms, bn)) for bn, _ in GEOMETRIES)
-    split = max(split, *(max(wgmma_split_candidates(num_tokens, w, sms, bn))
-                         for bn in WGMMA_BLOCKS))
+    block = token_tile(num_tokens)
     if num_tokens >= WGMMA_MIN_TOKENS:
+        block = wgmma_token_block(num_tokens)
+        split = max(split, *(max(wgmma_split_candidates(num_tokens, w, sms, bn))
+                             for bn in WGMMA_BLOCKS))
         split = max(split, *(stream_k_splits(w, bn, g) for bn in WGMMA_BLOCKS
                              for g in wgmma_stream_k_candidates(num_tokens, w, sms, bn)))
-    return split * num_tokens * w.out_features if split > 1 else 0
+    tokens = -(-num_tokens // block) * block
+    return split * tokens * w.out_features if split > 1 else 0
 
 
 def max_counters(n: int) -> int:

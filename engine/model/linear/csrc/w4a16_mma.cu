@@ -26,18 +26,22 @@ int group_shift(int64_t group, int64_t K) {
 
 // Tokens a block for a step of M (the kernel's NT * 8): 8, 16, 32, then 64.
 int64_t tokens_a_block(int64_t M) { return M <= 8 ? 8 : M <= 16 ? 16 : M <= 32 ? 32 : 64; }
+// The wgmma kernel's (launch_wgmma_tokens): 64, then 128.
+int64_t wgmma_tokens_a_block(int64_t M) { return M <= 64 ? 64 : 128; }
 
 // The checked arguments of one product: out = x[:, perm] @ W (+ bias), x [M, K] fp16 (columns
 // in checkpoint order; perm int64 [K], the input row of each sorted position, or None), qw
-// int32 [N/16, K/64, 32, 4], meta fp16 [groups, N, 2]. ws: fp32 with >= splits * M * N
-// elements and counters: int32 zeros, >= ceil(M / tokens_a_block(M)) * N / 16, when
-// splits > 1 (the partial sums a launch may write: its split_k, or a stream-K launch's
-// StreamK::max_splits). Returns the launch arguments (split_k = splits, no stream-K) and out
-// (x, gathered or realigned, kept alive in ``x``).
+// int32 [N/16, K/64, 32, 4], meta fp16 [groups, N, 2]. With splits > 1 (the partial sums a
+// launch may write: its split_k, or a stream-K launch's StreamK::max_splits), over blocks of
+// ``block_tokens`` tokens (the kernel's): ws fp32 with >= splits * M' * N elements, M' = M
+// rounded up to block_tokens (TileStore keeps whole blocks' partials), and counters int32
+// zeros, >= M' / block_tokens * N / 16. Returns the launch arguments (split_k = splits, no
+// stream-K) and out (x, gathered or realigned, kept alive in ``x``).
 gptq_mma::GemmArgs prepare(torch::Tensor& x, const c10::optional<torch::Tensor>& perm,
                            const torch::Tensor& qw, const torch::Tensor& meta, int64_t group,
                            const c10::optional<torch::Tensor>& bias, const torch::Tensor& ws,
-                           const torch::Tensor& counters, int64_t splits, torch::Tensor& out) {
+                           const torch::Tensor& counters, int64_t splits, int64_t block_tokens,
+                           torch::Tensor& out) {
   check(x, torch::kHalf, "x");
   check(qw, torch::kInt32, "qweight");
   check(meta, torch::kHalf, "meta");
@@ -53,8 +57,8 @@ gptq_mma::GemmArgs prepare(torch::Tensor& x, const c10::optional<torch::Tensor>&
   if (splits > 1) {
     check(ws, torch::kFloat, "workspace");
     check(counters, torch::kInt32, "counters");
-    TORCH_CHECK(ws.numel() >= splits * M * N, "workspace too small");
-    const int64_t blocks = (M + tokens_a_block(M) - 1) / tokens_a_block(M);
+    const int64_t blocks = (M + block_tokens - 1) / block_tokens;
+    TORCH_CHECK(ws.numel() >= splits * blocks * block_tokens * N, "workspace too small");
     TORCH_CHECK(counters.numel() >= blocks * (N / 16), "too few counters");
   }
   if (perm) {
@@ -88,7 +92,8 @@ torch::Tensor matmul(torch::Tensor x, c10::optional<torch::Tensor> perm, torch::
   TORCH_CHECK(k_warps == 1 || k_warps == 2, "k_warps must be 1 or 2");
   const c10::cuda::CUDAGuard guard(x.device());
   torch::Tensor out;
-  const auto args = prepare(x, perm, qw, meta, group, bias, ws, counters, split_k, out);
+  const auto args =
+      prepare(x, perm, qw, meta, group, bias, ws, counters, split_k, tokens_a_block(x.size(0)), out);
   if (args.M == 0) return out;
   // Warp tiles of 1, 2 or 4 sixteen-row tiles: (block_n, k_warps) picks the instantiation.
   const int tiles_a_warp = static_cast<int>(block_n / 16 * k_warps / gptq_mma::kGemmWarps);
@@ -147,7 +152,8 @@ torch::Tensor matmul_wgmma(torch::Tensor x, c10::optional<torch::Tensor> perm,
   const int64_t splits =
       stream_k ? stream_k_splits(x.size(1), qw.size(0) * 16, block_n, stream_k) : split_k;
   torch::Tensor out;
-  auto args = prepare(x, perm, qw, meta, group, bias, ws, counters, splits, out);
+  auto args = prepare(x, perm, qw, meta, group, bias, ws, counters, splits,
+                      wgmma_tokens_a_block(x.size(0)), out);
   if (args.M == 0) return out;
   if (stream_k) {
     args.split_k = 1;

@@ -238,6 +238,11 @@ struct WeightCopies {
 // one an element (dependent loads made split-K twice as slow at 64 tokens). kBatch keeps the
 // loads to 16-32 registers. acc[j]: (row, token 8j + 2t), (row, 8j + 2t + 1), (row + 8,
 // 8j + 2t), (row + 8, +1): the layout of mma.sync's and wgmma's accumulators alike.
+// A partial is stored as the lanes hold it (``partial``): the warp that sums a tile sits where
+// the warps that wrote it sat, so partials go out and come back as 16-byte runs, 512 bytes a
+// warp, with no bounds checks; scattered into [M, N] they took 4 NT scalar stores and loads a
+// lane, each behind its own token check, which made a split tile's end a third of a stream-K
+// block's instructions at 64 tokens.
 struct TileStore {
   int M, N, ldo;
   const half* bias;
@@ -267,6 +272,15 @@ struct TileStore {
       }
   }
 
+  // Split s's partial of ``tile`` for this block of tokens (blockIdx.x of gridDim.x): NT
+  // float4 a lane, element j of every lane together. The workspace holds splits x gridDim.x
+  // x N / 16 of them: splits x M x N floats with M rounded up to the tokens a block.
+  template <int NT>
+  __device__ __forceinline__ float4* partial(int s, int tile, int lane) const {
+    return reinterpret_cast<float4*>(ws) +
+           (((size_t)s * gridDim.x + blockIdx.x) * (N / 16) + tile) * (NT * 32) + lane;
+  }
+
   template <int NT>
   __device__ __forceinline__ void store(float (&acc)[NT][4], int tile, int m0, int lane) const {
     if (tile >= N / 16) return;
@@ -276,14 +290,10 @@ struct TileStore {
       write<NT>(acc, row, m0, t);
       return;
     }
-    const size_t mn = (size_t)M * N;
+    float4* const mine = partial<NT>(split, tile, lane);
 #pragma unroll
     for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int m = token(m0, t, j, e);
-        if (m < M) ws[split * mn + (size_t)m * N + out_row(row, e)] = acc[j][e];
-      }
+      mine[j * 32] = make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
     __threadfence();  // this lane's partials are visible before the counter moves
     __syncwarp();
     int arrived = 0;
@@ -297,25 +307,24 @@ struct TileStore {
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
     for (int sp0 = 0; sp0 < split_k; sp0 += kBatch) {
-      float part[kBatch][NT][4];
+      float4 part[kBatch][NT];
 #pragma unroll
-      for (int b = 0; b < kBatch; ++b)
+      for (int b = 0; b < kBatch; ++b) {
+        const float4* const theirs = partial<NT>(sp0 + b < split_k ? sp0 + b : 0, tile, lane);
 #pragma unroll
         for (int j = 0; j < NT; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int m = token(m0, t, j, e);
-            part[b][j][e] = sp0 + b < split_k && m < M
-                                ? __ldcg(ws + (sp0 + b) * mn + (size_t)m * N + out_row(row, e))
-                                : 0.f;
-          }
+          part[b][j] = sp0 + b < split_k ? __ldcg(theirs + j * 32) : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
 #pragma unroll
       for (int b = 0; b < kBatch; ++b)
         if (sp0 + b < split_k)
 #pragma unroll
-          for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[j][e] += part[b][j][e];
+          for (int j = 0; j < NT; ++j) {
+            acc[j][0] += part[b][j].x;
+            acc[j][1] += part[b][j].y;
+            acc[j][2] += part[b][j].z;
+            acc[j][3] += part[b][j].w;
+          }
     }
     write<NT>(acc, row, m0, t);
     if (lane == 0) counters[tile] = 0;

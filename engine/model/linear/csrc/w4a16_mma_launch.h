@@ -18,7 +18,7 @@ struct GemmArgs {
   const half* bias;  // [N] or null
   half* out;  // [M, N], row stride ldo
   int N, ldo;
-  float* ws;  // split_k > 1: >= split_k * M * N floats
+  float* ws;  // split_k > 1: >= split_k * M * N floats, M rounded up to the tokens a block
   int* counters;  // split_k > 1: zeros, >= blocks along M * N / 16
   int split_k;
   // wgmma only: 0, or the persistent blocks a token block of a stream-K launch (split_k 1;
