@@ -86,8 +86,9 @@ async def test_abort_by_id_ends_the_stream_with_abort(engine: EngineProcessClien
     assert deltas[-1].finish_reason == FinishReason.ABORT
     assert all(d.finish_reason is None for d in deltas[:-1])
     # The ABORT delta is queued behind the token deltas that had already arrived (none on an
-    # idle machine, a few when the test's process lags the core) and nothing follows it.
-    assert 3 <= len(deltas) <= 10
+    # idle machine, a dozen or so when the test's process lags the core on a loaded two-core
+    # machine) and nothing follows it: the core stopped within a few steps, not at 500.
+    assert 3 <= len(deltas) < 50
     await wait_until_idle(engine)
 
 
