@@ -156,6 +156,12 @@ def test_stream_k_covers_every_stage_once_in_k_order() -> None:
                         padded * n or mma.stream_k_splits(w, bn, g) == 1
         with pytest.raises(ValueError):
             mma.stream_k_splits(w, 128, mma.stream_k_units(w, 128) + 1)
+        # Checked before any launch (no GPU needed): a stream-K launch sums partials.
+        x = torch.zeros((64, k), dtype=torch.float16)
+        with pytest.raises(ValueError, match="needs a workspace"):
+            mma.matmul_wgmma(x, w, 1, 256, None, stream_k=132)
+        with pytest.raises(ValueError, match="replaces split_k"):
+            mma.matmul_wgmma(x, w, 2, 256, None, stream_k=132)
 
 
 def test_build_targets_hopper_as_sm90a() -> None:

@@ -356,9 +356,10 @@ def matmul_wgmma(x: torch.Tensor, w: MmaWeights, split_k: int, block_n: int,
         raise ValueError(f"no wgmma block of {block_n} rows; one of {WGMMA_BLOCKS}")
     if stream_k and split_k != 1:
         raise ValueError("stream_k replaces split_k: pass split_k=1")
-    splits = stream_k_splits(w, block_n, stream_k) if stream_k else split_k
-    args = _launch_args(x, w, splits, workspace)
-    return load_ext().matmul_wgmma(*args[:-1], split_k, block_n, stream_k)
+    if stream_k and workspace is None:
+        # (the binding checks its size against StreamK::max_splits: not worked out twice a call)
+        raise ValueError(f"stream_k={stream_k} needs a workspace")
+    return load_ext().matmul_wgmma(*_launch_args(x, w, split_k, workspace), block_n, stream_k)
 
 
 def dequantize_into(w: MmaWeights, out: torch.Tensor,
