@@ -32,7 +32,7 @@ def test_norms(dtype: torch.dtype, hidden: int) -> None:
     assert max_rel(normed, rms_norm(x + res, w, 1e-5)) < 2e-3
 
 
-@pytest.mark.parametrize("head_dim,heads", [(128, 40), (64, 4)])
+@pytest.mark.parametrize("head_dim,heads", [(128, 40), (64, 4), (64, 5)])
 def test_rotary_in_place_on_strided_views(head_dim: int, heads: int) -> None:
     from engine.model import triton_fused
 
@@ -47,7 +47,7 @@ def test_rotary_in_place_on_strided_views(head_dim: int, heads: int) -> None:
     assert torch.equal(v, v_before)
 
 
-@pytest.mark.parametrize("kv_heads", [40, 8])
+@pytest.mark.parametrize("kv_heads", [40, 8, 10, 5])
 def test_rotary_writes_the_cache_like_write_kv(kv_heads: int) -> None:
     from engine.model import triton_fused
     from engine.model.attention.torch_ref import write_kv

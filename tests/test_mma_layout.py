@@ -164,6 +164,18 @@ def test_stream_k_covers_every_stage_once_in_k_order() -> None:
             mma.matmul_wgmma(x, w, 2, 256, None, stream_k=132)
 
 
+def test_workspace_bound_of_a_layer_too_small_for_stream_k() -> None:
+    """A small model's layer (one tile block, a stage or two) has no stream-K candidate on a
+    132-multiprocessor card: its workspace bound is the K splits' alone (once a TypeError at
+    load, on every small checkpoint on an H100/H200)."""
+    gen = torch.Generator().manual_seed(3)
+    weights, _ = random_gptq_layer(128, 128, 4, 128, False, gen, device="cpu")
+    w = mma.repack(weights, torch.device("cpu"))
+    for t in (16, 64, 128, 256, 512):
+        assert all(not mma.wgmma_stream_k_candidates(t, w, 132, bn) for bn in mma.WGMMA_BLOCKS)
+        assert mma.max_partials(t, w, 132) >= 0
+
+
 def test_build_targets_hopper_as_sm90a() -> None:
     """wgmma exists only in sm_90a code: a 9.0 target is built as 9.0a, and a 9.0+PTX one
     keeps its portable PTX beside it; other targets are left as given."""

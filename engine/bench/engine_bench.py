@@ -230,6 +230,35 @@ def profile_decode_step(engine: LLMEngine, prompt: list[int],
     finally:
         for seq in seqs:
             blocks.free(seq)
+    return kernel_table(prof)
+
+
+def profile_prefill_step(engine: LLMEngine, prompt: list[int]) -> tuple[str, float]:
+    """Profile the prefill forward of ``prompt`` (one step, eager, as every prefill runs) and
+    its last token's logits: what the first token costs on the GPU. -> as profile_decode_step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    blocks, runner = engine.scheduler.block_manager, engine.runner
+    seq = Sequence(next(_probe_ids), "profile", list(prompt), SamplingParams(max_tokens=2))
+    blocks.allocate(seq, len(prompt) + 1)
+    try:
+        out = SchedulerOutput((ScheduledSeq(seq, len(prompt)),), ())
+        inputs = build_step_inputs(out, blocks.block_size, runner.model.device)
+        def forward() -> None:
+            hidden = runner.model.forward(inputs.input_ids, inputs.positions, runner.kv_caches,
+                                          inputs.meta)
+            runner.model.compute_logits(hidden[-1:])
+            torch.cuda.synchronize()
+
+        forward()  # warm-up
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            forward()
+    finally:
+        blocks.free(seq)
+    return kernel_table(prof)
+
+
+def kernel_table(prof: torch.profiler.profile) -> tuple[str, float]:
     averages = prof.key_averages()
     return (averages.table(sort_by="self_device_time_total", row_limit=30),
             sum(a.self_device_time_total for a in averages) / 1e3)

@@ -19,6 +19,7 @@ from engine.bench.engine_bench import (
     last_logits,
     make_prompts,
     profile_decode_step,
+    profile_prefill_step,
 )
 from engine.bench.table import Row
 from engine.config import EngineConfig
@@ -110,6 +111,9 @@ def run(args: argparse.Namespace) -> list[Row]:
                         table, gpu_step_ms[n] = profile_decode_step(engine, prompt, n)
                         f.write(f"## one eager decode step, {n} sequence(s): "
                                 f"{gpu_step_ms[n]:.2f} ms of GPU kernels\n{table}\n\n")
+                    table, prefill_ms = profile_prefill_step(engine, prompt)
+                    f.write(f"## the prefill step of one {len(prompt)}-token prompt: "
+                            f"{prefill_ms:.2f} ms of GPU kernels\n{table}\n\n")
         blocks = engine.scheduler.block_manager
         model_gib = (engine.model_memory_bytes or 0) / 2**30
         results[name] = ours

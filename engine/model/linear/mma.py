@@ -308,8 +308,9 @@ def max_partials(num_tokens: int, w: MmaWeights, sms: int) -> int:
         block = wgmma_token_block(num_tokens)
         split = max(split, *(max(wgmma_split_candidates(num_tokens, w, sms, bn))
                              for bn in WGMMA_BLOCKS))
-        split = max(split, *(stream_k_splits(w, bn, g) for bn in WGMMA_BLOCKS
-                             for g in wgmma_stream_k_candidates(num_tokens, w, sms, bn)))
+        # (a layer of few stages and tiles may have no stream-K candidate at all)
+        split = max([split, *(stream_k_splits(w, bn, g) for bn in WGMMA_BLOCKS
+                              for g in wgmma_stream_k_candidates(num_tokens, w, sms, bn))])
     tokens = -(-num_tokens // block) * block
     return split * tokens * w.out_features if split > 1 else 0
 
