@@ -244,6 +244,7 @@ def profile_prefill_step(engine: LLMEngine, prompt: list[int]) -> tuple[str, flo
     try:
         out = SchedulerOutput((ScheduledSeq(seq, len(prompt)),), ())
         inputs = build_step_inputs(out, blocks.block_size, runner.model.device)
+
         def forward() -> None:
             hidden = runner.model.forward(inputs.input_ids, inputs.positions, runner.kv_caches,
                                           inputs.meta)
