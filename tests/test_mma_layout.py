@@ -165,15 +165,20 @@ def test_stream_k_covers_every_stage_once_in_k_order() -> None:
 
 
 def test_workspace_bound_of_a_layer_too_small_for_stream_k() -> None:
-    """A small model's layer (one tile block, a stage or two) has no stream-K candidate on a
+    """A small model's layer (one tile block, a few stages) has no stream-K candidate on a
     132-multiprocessor card: its workspace bound is the K splits' alone (once a TypeError at
     load, on every small checkpoint on an H100/H200)."""
     gen = torch.Generator().manual_seed(3)
-    weights, _ = random_gptq_layer(128, 128, 4, 128, False, gen, device="cpu")
+    weights, _ = random_gptq_layer(1024, 128, 4, 128, False, gen, device="cpu")
     w = mma.repack(weights, torch.device("cpu"))
+    assert max(mma.wgmma_split_candidates(64, w, 132, 128)) > 1  # K splits, no stream-K
     for t in (16, 64, 128, 256, 512):
         assert all(not mma.wgmma_stream_k_candidates(t, w, 132, bn) for bn in mma.WGMMA_BLOCKS)
-        assert mma.max_partials(t, w, 132) >= 0
+        bound = mma.max_partials(t, w, 132)
+        block = mma.wgmma_token_block(t)
+        for bn in mma.WGMMA_BLOCKS:  # every K-split launch the plan times still fits
+            for split in mma.wgmma_split_candidates(t, w, 132, bn):
+                assert split == 1 or bound >= split * -(-t // block) * block * 128
 
 
 def test_build_targets_hopper_as_sm90a() -> None:

@@ -106,7 +106,7 @@ def _rotary_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, kc_
 
 def heads_a_program(num_heads: int, kv_heads: int) -> int:
     """The rotary kernel's heads a program: the largest power of two up to 8 dividing both
-    head counts (8 for Llama-2's 40 and 64, 1 where nothing else divides)."""
+    head counts (8 for every Llama-2 size's q and kv heads, 1 where nothing else divides)."""
     heads = 8
     while num_heads % heads or kv_heads % heads:
         heads //= 2
