@@ -48,6 +48,10 @@ class EngineConfig:
     dtype: str = "auto"
     # Capture decode steps in CUDA graphs (ignored on the CPU).
     cuda_graphs: bool = True
+    # With cuda_graphs, the other steps (prompts, prefill chunks, mixed batches) of up to this
+    # many tokens run as CUDA graphs between their attention calls (engine/model/step_graphs.py);
+    # 0: they run eagerly. Capped at max_num_batched_tokens.
+    cuda_graph_max_tokens: int = 512
     # Keep full KV blocks after their request ends and share them with later requests whose
     # prompts start with the same tokens (automatic prefix caching).
     enable_prefix_caching: bool = True
@@ -75,6 +79,9 @@ class EngineConfig:
                 f"max_num_seqs ({self.max_num_seqs}) so every running sequence can decode")
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ConfigError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
+        if self.cuda_graph_max_tokens < 0:
+            raise ConfigError("cuda_graph_max_tokens must be 0 (off) or positive, got "
+                              f"{self.cuda_graph_max_tokens}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ConfigError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
         if not 0.05 <= self.gpu_memory_utilization <= 0.99:

@@ -4,9 +4,11 @@ logits read through the paged path."""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import torch
 
+from engine.config import EngineConfig
 from engine.core.batch import build_step_inputs
 from engine.core.llm_engine import LLMEngine
 from engine.core.scheduler import ScheduledSeq, SchedulerOutput
@@ -87,7 +89,8 @@ def paged_logits(engine: LLMEngine, prompt: list[int], chunk: int | None = None)
 
 def logits_after(engine: LLMEngine, prompt: list[int], steps: list[int]) -> torch.Tensor:
     """Last-position logits [V] float32 (on the CPU) after feeding ``prompt`` in chunks of
-    ``steps`` tokens through the engine's block tables and KV cache. Frees its blocks."""
+    ``steps`` tokens through the engine's block tables and KV cache, each chunk a step the way
+    the runner computes one (the step graphs where they take its size). Frees its blocks."""
     assert sum(steps) == len(prompt)
     seq = Sequence(next(_ids), "logits-probe", list(prompt), SamplingParams(max_tokens=1))
     blocks, runner = engine.scheduler.block_manager, engine.runner
@@ -97,11 +100,29 @@ def logits_after(engine: LLMEngine, prompt: list[int], steps: list[int]) -> torc
             blocks.allocate(seq, seq.num_computed_tokens + n)
             out = SchedulerOutput((ScheduledSeq(seq, n),), ())
             inputs = build_step_inputs(out, blocks.block_size, runner.model.device)
-            hidden = runner.model.forward(inputs.input_ids, inputs.positions, runner.kv_caches,
-                                          inputs.meta)
-            logits = runner.model.compute_logits(hidden[-1:])[0]
+            logits = runner.model.compute_logits(runner.forward(inputs)[-1:])[0]
             seq.num_computed_tokens += n
     finally:
         blocks.free(seq)
     assert logits is not None
     return logits[:engine.tokenizer.vocab_size].float().cpu()
+
+
+def synth_tiny_checkpoint(folder: Path, layout: tuple[int, int, bool], seed: int,
+                          device: str = "cuda") -> Path:
+    """A tiny synthetic checkpoint of ``layout`` (bits, group size, act-order) in ``folder``."""
+    from engine.checkpoint.synth import SynthSpec, synthesize
+
+    bits, group, act_order = layout
+    synthesize(SynthSpec("tiny", bits, group, act_order, seed=seed, device=device), folder)
+    return folder
+
+
+def small_cuda_engine(path: Path, **overrides: object) -> LLMEngine:
+    """An engine on the GPU over a tiny checkpoint, sized for tests (128 KV blocks of 16,
+    8 sequences, 256-token steps, 512-token contexts); ``overrides`` are EngineConfig fields."""
+    values: dict[str, object] = dict(model=str(path), revision=None, offline=True, device="cuda",
+                                     num_kv_blocks=128, block_size=16, max_num_seqs=8,
+                                     max_num_batched_tokens=256, max_model_len=512)
+    values.update(overrides)
+    return LLMEngine.from_config(EngineConfig(**values))  # type: ignore[arg-type]

@@ -67,6 +67,21 @@ def test_rotary_writes_the_cache_like_write_kv(kv_heads: int) -> None:
     triton_fused.rotary_write_kv_(q, k, v, positions, rot.cos, rot.sin, k_cache, v_cache, slots)
     assert torch.equal(q, q1) and torch.equal(k, k1)
     assert torch.equal(k_cache, want_kc) and torch.equal(v_cache, want_vc)
+    # Into contiguous outputs instead (the step graphs' buffers): q/k/v keep their values.
+    src = torch.randn_like(qkv)
+    before = src.clone()
+    sq, sk, sv = src.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=1)
+    sq, sk, sv = sq.view(t, heads, dim), sk.view(t, kv_heads, dim), sv.view(t, kv_heads, dim)
+    want_q, want_k = sq.clone(), sk.clone()
+    triton_fused.rotary_(want_q, want_k, positions, rot.cos, rot.sin)
+    out = (torch.empty_like(want_q), torch.empty_like(want_k), torch.empty_like(want_k))
+    triton_fused.rotary_write_kv_(sq, sk, sv, positions, rot.cos, rot.sin, k_cache, v_cache,
+                                  slots, out)
+    assert torch.equal(src, before)
+    assert torch.equal(out[0], want_q) and torch.equal(out[1], want_k)
+    assert torch.equal(out[2], sv)
+    assert torch.equal(k_cache.view(-1, kv_heads, dim)[slots], want_k)
+    assert torch.equal(v_cache.view(-1, kv_heads, dim)[slots], sv)
 
 
 def test_silu_mul() -> None:

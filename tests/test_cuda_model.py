@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import EngineConfig
-from tests.engine_helpers import logits_after
+from tests.engine_helpers import logits_after, small_cuda_engine, synth_tiny_checkpoint
 
 pytestmark = [
     pytest.mark.cuda,
@@ -29,22 +28,9 @@ LAYOUTS = [(4, 128, False), (4, 32, True), (4, 64, True), (8, 128, True)]
 
 @pytest.fixture(scope="module", params=LAYOUTS, ids=lambda p: f"{p[0]}bit-g{p[1]}-ao{p[2]}")
 def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from engine.checkpoint.synth import SynthSpec, synthesize
-
     bits, group, act_order = request.param
-    path = tmp_path_factory.mktemp(f"tiny-{bits}-{group}-{act_order}")
-    synthesize(SynthSpec("tiny", bits, group, act_order, seed=bits + group, device="cuda"), path)
-    return path
-
-
-def _engine(path: Path, **overrides: object):
-    from engine.core.llm_engine import LLMEngine
-
-    values: dict[str, object] = dict(model=str(path), revision=None, offline=True, device="cuda",
-                                     num_kv_blocks=128, block_size=16, max_num_seqs=8,
-                                     max_num_batched_tokens=256, max_model_len=512)
-    values.update(overrides)
-    return LLMEngine.from_config(EngineConfig(**values))  # type: ignore[arg-type]
+    return synth_tiny_checkpoint(tmp_path_factory.mktemp(f"tiny-{bits}-{group}-{act_order}"),
+                                 request.param, seed=bits + group)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -56,13 +42,13 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def test_cuda_engine_matches_torch_reference(checkpoint: Path, linear_backend: str) -> None:
     from engine.model.linear import mma
 
-    cuda = _engine(checkpoint, linear_backend=linear_backend)
+    cuda = small_cuda_engine(checkpoint, linear_backend=linear_backend)
     info = cuda.model_info
     # auto: 4-bit layers on the tensor-core kernel where it builds; triton: Triton + exllamav2.
     four_bit = "triton+mma" if linear_backend == "auto" and mma.available() else "triton+exllama"
     expected_linear = four_bit if info.bits == 4 else "triton"
     assert (info.linear_backend, info.attention_backend) == (expected_linear, "triton")
-    ref = _engine(checkpoint, linear_backend="torch", attention_backend="torch",
+    ref = small_cuda_engine(checkpoint, linear_backend="torch", attention_backend="torch",
                   dtype="float32")
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, cuda.tokenizer.vocab_size, (77,), generator=gen).tolist()
@@ -78,7 +64,7 @@ def test_cuda_engine_matches_exllamav2_model(checkpoint: Path) -> None:
 
     if json.loads((checkpoint / "quantize_config.json").read_text())["bits"] != 4:
         pytest.skip("exllamav2 has no 8-bit GPTQ kernel")
-    cuda = _engine(checkpoint)
+    cuda = small_cuda_engine(checkpoint)
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(3, cuda.tokenizer.vocab_size, (50,), generator=gen).tolist()
     ours = logits_after(cuda, prompt, [50])
@@ -93,7 +79,7 @@ def test_decode_graph_replay_matches_eager_step(checkpoint: Path) -> None:
     from engine.params import SamplingParams
 
     # Each step resolved before the next: the step built by hand below has every token.
-    engine = _engine(checkpoint, overlap_steps=False)
+    engine = small_cuda_engine(checkpoint, overlap_steps=False)
     runner = engine.runner
     assert runner.graphs is not None and runner.graphs.bucket_for(3) == 4
     for i, n in enumerate((5, 40, 17)):

@@ -234,8 +234,9 @@ def profile_decode_step(engine: LLMEngine, prompt: list[int],
 
 
 def profile_prefill_step(engine: LLMEngine, prompt: list[int]) -> tuple[str, float]:
-    """Profile the prefill forward of ``prompt`` (one step, eager, as every prefill runs) and
-    its last token's logits: what the first token costs on the GPU. -> as profile_decode_step."""
+    """Profile the prefill forward of ``prompt`` (one step, the way the engine runs it: the
+    step graphs when they take its size, else eagerly) and its last token's logits: what the
+    first token costs on the GPU. -> as profile_decode_step."""
     from torch.profiler import ProfilerActivity, profile
 
     blocks, runner = engine.scheduler.block_manager, engine.runner
@@ -246,9 +247,7 @@ def profile_prefill_step(engine: LLMEngine, prompt: list[int]) -> tuple[str, flo
         inputs = build_step_inputs(out, blocks.block_size, runner.model.device)
 
         def forward() -> None:
-            hidden = runner.model.forward(inputs.input_ids, inputs.positions, runner.kv_caches,
-                                          inputs.meta)
-            runner.model.compute_logits(hidden[-1:])
+            runner.model.compute_logits(runner.forward(inputs)[-1:])
             torch.cuda.synchronize()
 
         forward()  # warm-up

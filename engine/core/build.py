@@ -107,8 +107,14 @@ def num_kv_blocks(config: EngineConfig, arch: LlamaArchConfig, device: torch.dev
         blocks = config.num_kv_blocks
     elif device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        # Leave room for activations and the largest step's temporaries.
-        reserve = 1 << 30
+        # Leave room for activations and the largest step's temporaries, and for the step
+        # graphs' own: their static buffers and about one layer's temporaries at their
+        # largest size (engine/model/step_graphs.py), a few hidden-sized rows plus the
+        # q/k/v and MLP outputs a token.
+        graph_tokens = (min(config.cuda_graph_max_tokens, config.max_num_batched_tokens)
+                        if config.cuda_graphs else 0)
+        per_token = 12 * arch.hidden_size + 3 * arch.intermediate_size
+        reserve = (1 << 30) + graph_tokens * per_token * torch.finfo(dtype).bits // 8
         budget = int(total * config.gpu_memory_utilization) - (total - free) - reserve
         blocks = max(0, budget // per_block)
     else:

@@ -161,7 +161,9 @@ class LLMEngine:
                      model_bytes / 2**30)
         blocks = num_kv_blocks(config, arch, device, dtype, max_model_len)
         # Only the Triton attention backend reads every size from device tensors (capturable).
-        graphs = (DecodeGraphConfig(config.max_num_seqs, max_model_len)
+        graphs = (DecodeGraphConfig(config.max_num_seqs, max_model_len,
+                                    min(config.cuda_graph_max_tokens,
+                                        config.max_num_batched_tokens))
                   if config.cuda_graphs and attention.name == "triton" else None)
         runner = ModelRunner(model, blocks, config.block_size, tokenizer.eos_token_id,
                              tokenizer.vocab_size, config.seed, graphs)

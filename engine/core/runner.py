@@ -20,6 +20,7 @@ from engine.lora.peft import LoraAdapter
 from engine.model.cuda_graphs import DecodeGraphConfig, DecodeGraphs
 from engine.model.llama import KVCache, LlamaModel
 from engine.model.lora.slots import LoraSlots
+from engine.model.step_graphs import StepGraphs
 from engine.outputs import TokenLogprob
 from engine.progress import timed_stage
 from engine.sampling.sampler import DeviceSample, Sampler, SamplingRow
@@ -131,6 +132,11 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, self.kv_caches, graphs, block_size,
                                        sink_slot=num_blocks * block_size)
             self.graphs.capture()
+        self.step_graphs: StepGraphs | None = None
+        if graphs is not None and graphs.step_max_tokens > 0:
+            self.step_graphs = StepGraphs(model, self.kv_caches, graphs.step_max_tokens,
+                                          sink_slot=num_blocks * block_size)
+            self.step_graphs.capture()
         # The model's adapter slots and the host copies of every loaded adapter (LoRA on).
         self.lora_slots: LoraSlots | None = None
         if model.lora is not None:
@@ -190,8 +196,7 @@ class ModelRunner:
             prompt: list[_PromptLogprobs] = []
             prompt_tensors: list[torch.Tensor] = []
         else:
-            hidden = self.model.forward(inputs.input_ids, inputs.positions, self.kv_caches,
-                                        inputs.meta, inputs.lora)  # [T, hidden]
+            hidden = self.forward(inputs)  # [T, hidden]
             prompt, prompt_tensors = self._prompt_logprobs(out, inputs, hidden)
             step_logits = None
         sample = None
@@ -215,6 +220,16 @@ class ModelRunner:
         elif side_inputs is not None:
             side_inputs()
         return StepHandle(out, inputs.sampling_seq_indices, sample, prompt, prompt_tensors)
+
+    def forward(self, inputs: StepInputs) -> torch.Tensor:
+        """A step's final hidden states [T, hidden] without the decode graphs: through the step
+        graphs when the step fits one and has no LoRA rows (their buffer, valid until the next
+        replay), else eagerly."""
+        if (self.step_graphs is not None and inputs.lora is None
+                and self.step_graphs.bucket_for(inputs.input_ids.shape[0]) is not None):
+            return self.step_graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+        return self.model.forward(inputs.input_ids, inputs.positions, self.kv_caches,
+                                  inputs.meta, inputs.lora)
 
     def run(self, out: SchedulerOutput, grammars: StepGrammars | None = None) -> StepResult:
         """Launch a step and wait for it (no step may be pending)."""

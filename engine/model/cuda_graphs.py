@@ -47,6 +47,8 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
 class DecodeGraphConfig:
     max_num_seqs: int  # the largest bucket
     max_model_len: int  # sizes the static block tables; the attention's max_seq_len bound
+    # The other steps of up to this many tokens run as piecewise graphs (step_graphs.py); 0: off.
+    step_max_tokens: int = 0
 
 
 @dataclass

@@ -129,8 +129,13 @@ class Attention:
         self.attention = attention
         self.rotary = rotary
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
-                meta: AttentionMetadata, lora: LoraBatch | None) -> torch.Tensor:
+    def project(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
+                slot_mapping: torch.Tensor, lora: LoraBatch | None,
+                out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [T, hidden] -> q [T, H, D], k and v [T, Hkv, D] (rows may be strided), rotated;
+        on the fused path k/v are also in the cache already (``attend`` then writes none).
+        ``out``: contiguous q/k/v tensors to return them in (the step graphs' buffers)."""
         t = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if self.qkv_proj is not None:
@@ -138,18 +143,36 @@ class Attention:
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=1)
         else:
             q, k, v = (proj.forward(x, lora) for proj in self.projs)
-        q = q.view(t, self.num_heads, self.head_dim)  # [T, H, D] (rows may be strided)
-        k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.fused:  # the rotation and the cache write in one kernel
             fused_ops().rotary_write_kv_(q, k, v, positions, self.rotary.cos, self.rotary.sin,
-                                         kv_cache[0], kv_cache[1], meta.slot_mapping)
-        else:
-            q = self.rotary.apply(q, positions)
-            k = self.rotary.apply(k, positions)
-        out = self.attention.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale,
-                                     kv_written=self.fused)
-        return self.o_proj.forward(out.reshape(t, q_size), lora)
+                                         kv_cache[0], kv_cache[1], slot_mapping, out)
+            return (q, k, v) if out is None else out
+        q = self.rotary.apply(q, positions)
+        k = self.rotary.apply(k, positions)
+        if out is None:
+            return q, k, v
+        for o, t in zip(out, (q, k, v), strict=True):
+            o.copy_(t)
+        return out
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
+               meta: AttentionMetadata, out: torch.Tensor | None = None) -> torch.Tensor:
+        """-> [T, H, D], into ``out`` when given. The only part of the layer whose work
+        depends on the sequences' contexts, not just the step's token count."""
+        return self.attention.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale,
+                                      kv_written=self.fused, out=out)
+
+    def output(self, attn: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+        """attn: [T, H, D] -> [T, hidden]"""
+        return self.o_proj.forward(attn.reshape(attn.shape[0], -1), lora)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
+                meta: AttentionMetadata, lora: LoraBatch | None) -> torch.Tensor:
+        q, k, v = self.project(x, positions, kv_cache, meta.slot_mapping, lora)
+        return self.output(self.attend(q, k, v, kv_cache, meta), lora)
 
 
 class FeedForward:
@@ -197,13 +220,33 @@ class TransformerBlock:
         """The CUDA path: the layer's output is ``x + pending`` on entry and ``h + mlp`` on
         return, the sums left to the next norm's fused add (one kernel a layer fewer than
         adding, then normalising)."""
+        x, q, k, v = self.before_attention(x, pending, positions, kv_cache, meta.slot_mapping,
+                                           lora)
+        return self.after_attention(x, self.attn.attend(q, k, v, kv_cache, meta), lora)
+
+    # The fused path in two halves around attention (engine/model/step_graphs.py captures
+    # each half in CUDA graphs and runs attention between them).
+
+    def before_attention(self, x: torch.Tensor, pending: torch.Tensor | None,
+                         positions: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor,
+                         lora: LoraBatch | None,
+                         qkv_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> the residual x (+ pending), and q, k, v (k/v written into the cache; q/k/v in
+        ``qkv_out`` when given, see Attention.project)."""
         ops = fused_ops()
         if pending is None:
             normed = ops.rms_norm(x, self.input_norm, self.eps)
         else:
             x, normed = ops.add_rms_norm(x, pending, self.input_norm, self.eps)
-        a = self.attn.forward(normed, positions, kv_cache, meta, lora)
-        h, normed = ops.add_rms_norm(x, a, self.post_norm, self.eps)  # h = x + a
+        return (x, *self.attn.project(normed, positions, kv_cache, slot_mapping, lora,
+                                      qkv_out))
+
+    def after_attention(self, x: torch.Tensor, attn: torch.Tensor, lora: LoraBatch | None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (h, pending): the layer's output is their sum."""
+        h, normed = fused_ops().add_rms_norm(x, self.attn.output(attn, lora), self.post_norm,
+                                             self.eps)  # h = x + o_proj(attn)
         return h, self.mlp.forward(normed, lora)
 
 
@@ -233,18 +276,26 @@ class LlamaModel:
                 lora: LoraBatch | None = None) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden] (after the last norm).
         ``lora``: which adapter slot each row uses (None: every row is the base model's)."""
-        x = self.embed_tokens[input_ids]  # [T, hidden]
+        x = self.embed(input_ids)  # [T, hidden]
         if self.device.type == "cuda":
             pending: torch.Tensor | None = None
             for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
                 x, pending = layer.forward_fused(x, pending, positions, kv_cache, meta, lora)
-            ops = fused_ops()
-            if pending is None:
-                return ops.rms_norm(x, self.norm, self.arch.rms_norm_eps)
-            return ops.add_rms_norm(x, pending, self.norm, self.arch.rms_norm_eps)[1]
+            return self.final_norm(x, pending)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x = layer.forward(x, positions, kv_cache, meta, lora)
         return rms_norm(x, self.norm, self.arch.rms_norm_eps)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids: [T] -> [T, hidden]"""
+        return self.embed_tokens[input_ids]
+
+    def final_norm(self, x: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
+        """The fused path's last norm, of ``x + pending`` -> [T, hidden]."""
+        ops = fused_ops()
+        if pending is None:
+            return ops.rms_norm(x, self.norm, self.arch.rms_norm_eps)
+        return ops.add_rms_norm(x, pending, self.norm, self.arch.rms_norm_eps)[1]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

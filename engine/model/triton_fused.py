@@ -63,13 +63,15 @@ def _launch_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
 
 @triton.jit
 def _rotary_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, kc_ptr, vc_ptr,
+                   qo_ptr, ko_ptr, vo_ptr,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                    num_q_heads, num_kv_heads, HALF: tl.constexpr, HEADS: tl.constexpr,
-                   WRITE_KV: tl.constexpr):
+                   WRITE_KV: tl.constexpr, OUT: tl.constexpr):
     # Programs (token, block of HEADS heads): q heads, then k heads, then (WRITE_KV) v heads.
     # HEADS divides both head counts, so a block is all q, all k or all v heads. (One head a
     # program, a 512-token prefill launched 61,440 one-warp programs of 256 bytes each and
-    # took 39 us a layer on an H200, 1.5 ms of the prompt's 30.)
+    # took 39 us a layer on an H200, 1.5 ms of the prompt's 30.) OUT: the rotated q and k and
+    # the v rows go to contiguous [T, heads, D] outputs (qo, ko, vo) instead of in place.
     t = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1) * HEADS
     hh = tl.arange(0, HEADS)[:, None]
@@ -77,8 +79,10 @@ def _rotary_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, kc_
     if head < num_q_heads + num_kv_heads:
         if head < num_q_heads:
             base = q_ptr + t * stride_qt + (head + hh) * stride_qh
+            dst_out = qo_ptr + (t * num_q_heads + head + hh) * (2 * HALF)
         else:
             base = k_ptr + t * stride_kt + (head - num_q_heads + hh) * stride_kh
+            dst_out = ko_ptr + (t * num_kv_heads + head - num_q_heads + hh) * (2 * HALF)
         pos = tl.load(pos_ptr + t)
         cos = tl.load(cos_ptr + pos * HALF + d)
         sin = tl.load(sin_ptr + pos * HALF + d)
@@ -87,8 +91,12 @@ def _rotary_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, kc_
         a, b = x1.to(tl.float32), x2.to(tl.float32)
         y1 = (a * cos - b * sin).to(x1.dtype)
         y2 = (b * cos + a * sin).to(x1.dtype)
-        tl.store(base + d, y1)
-        tl.store(base + HALF + d, y2)
+        if OUT:
+            tl.store(dst_out + d, y1)
+            tl.store(dst_out + HALF + d, y2)
+        else:
+            tl.store(base + d, y1)
+            tl.store(base + HALF + d, y2)
         if WRITE_KV:  # noqa: SIM102 (a compile-time branch around a run-time one)
             if head >= num_q_heads:  # the rotated key rows go to their cache slot as well
                 slot = tl.load(slot_ptr + t)
@@ -100,8 +108,14 @@ def _rotary_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, kc_
         slot = tl.load(slot_ptr + t)
         src = v_ptr + t * stride_vt + h * stride_vh
         dst = vc_ptr + (slot * num_kv_heads + h) * (2 * HALF)
-        tl.store(dst + d, tl.load(src + d))
-        tl.store(dst + HALF + d, tl.load(src + HALF + d))
+        v1 = tl.load(src + d)
+        v2 = tl.load(src + HALF + d)
+        tl.store(dst + d, v1)
+        tl.store(dst + HALF + d, v2)
+        if OUT:
+            dst_out = vo_ptr + (t * num_kv_heads + h) * (2 * HALF)
+            tl.store(dst_out + d, v1)
+            tl.store(dst_out + HALF + d, v2)
 
 
 def heads_a_program(num_heads: int, kv_heads: int) -> int:
@@ -122,28 +136,38 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torc
 
 def rotary_write_kv_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                      cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+                     v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
     """rotary_ and, in the same launch, the rotated k and v: [T, Hkv, D] written to their cache
     slots (as attention.torch_ref.write_kv): two fewer kernels a layer, which in a
-    single-sequence decode step are ~5% of its time. Caches: [N, block, Hkv, D] contiguous."""
+    single-sequence decode step are ~5% of its time. Caches: [N, block, Hkv, D] contiguous.
+
+    ``out``: contiguous (q, k, v) tensors of q's and k's shapes that take the rotated q and k
+    and a copy of v, q and k then left as they were (the step graphs' static q/k/v buffers:
+    no copy kernels)."""
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or v.stride(2) != 1:
         raise ValueError("the caches and the value rows' head dim must be contiguous")
-    _rotary(q, k, positions, cos, sin, (v, k_cache, v_cache, slot_mapping))
+    if out is not None and not all(o.is_contiguous() and o.shape == x.shape
+                                   for o, x in zip(out, (q, k, v), strict=True)):
+        raise ValueError("the outputs must be contiguous and shaped like q, k and v")
+    _rotary(q, k, positions, cos, sin, (v, k_cache, v_cache, slot_mapping), out)
 
 
 def _rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
             sin: torch.Tensor,
-            kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:
+            kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None,
+            out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
     t, num_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     if q.stride(2) != 1 or k.stride(2) != 1 or not cos.is_contiguous():
         raise ValueError("head dims and the cos/sin tables must be contiguous")
     v, k_cache, v_cache, slots = kv if kv is not None else (k, k, k, positions)
+    qo, ko, vo = out if out is not None else (q, k, v)
     heads = heads_a_program(num_heads, kv_heads)
     _rotary_kernel[(t, (num_heads + kv_heads * (2 if kv is not None else 1)) // heads)](
-        q, k, v, positions, cos, sin, slots, k_cache, v_cache, q.stride(0), q.stride(1),
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1), num_heads, kv_heads,
-        HALF=head_dim // 2, HEADS=heads, WRITE_KV=kv is not None,
+        q, k, v, positions, cos, sin, slots, k_cache, v_cache, qo, ko, vo, q.stride(0),
+        q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), num_heads, kv_heads,
+        HALF=head_dim // 2, HEADS=heads, WRITE_KV=kv is not None, OUT=out is not None,
         num_warps=2 if heads * head_dim >= 512 else 1)
 
 

@@ -40,8 +40,11 @@ class AttentionBackend(Protocol):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float, kv_written: bool = False) -> torch.Tensor:
-        """q: [T, H, D], k/v: [T, Hkv, D] -> [T, H, D].
+                meta: AttentionMetadata, scale: float, kv_written: bool = False,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """q: [T, H, D], k/v: [T, Hkv, D] -> [T, H, D], written into ``out`` when one is given
+        (a contiguous [T, H, D] tensor; CUDA-graph steps pass the static buffer the next
+        graph reads).
 
         Writes k/v into the caches at meta.slot_mapping (unless ``kv_written``: the caller's
         fused rotary kernel did), then attends each query row causally over its sequence's

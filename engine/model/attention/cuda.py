@@ -35,7 +35,8 @@ class CudaAttentionBackend:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float, kv_written: bool = False) -> torch.Tensor:
+                meta: AttentionMetadata, scale: float, kv_written: bool = False,
+                out: torch.Tensor | None = None) -> torch.Tensor:
         """q: [T, H, D], k/v: [T, Hkv, D] -> [T, H, D]. See AttentionBackend."""
         if not kv_written:
             write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
@@ -43,11 +44,12 @@ class CudaAttentionBackend:
             # max_seq_len may be an upper bound (CUDA-graph capture passes max_model_len).
             parts = decode_num_parts(meta.num_seqs, q.shape[1], meta.max_seq_len,
                                      self._sm_count(q.device))
-            return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-                                parts)
+            decoded = paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
+                                   parts)
+            return decoded if out is None else out.copy_(decoded)
         fresh = [i for i in range(meta.num_seqs) if _is_fresh_prompt(meta, i)]
         use_sdpa = 0 < len(fresh) <= self.max_sdpa_prompts
-        out = torch.empty_like(q)
+        out = torch.empty_like(q) if out is None else out
         if not use_sdpa or len(fresh) < meta.num_seqs:
             paged_prefill(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                           meta.query_start_loc, meta.max_query_len, scale, out,

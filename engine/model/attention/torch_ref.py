@@ -34,10 +34,11 @@ class TorchAttentionBackend:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float, kv_written: bool = False) -> torch.Tensor:
+                meta: AttentionMetadata, scale: float, kv_written: bool = False,
+                out: torch.Tensor | None = None) -> torch.Tensor:
         if not kv_written:
             write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = torch.empty_like(q)  # [T, H, D]
+        out = torch.empty_like(q) if out is None else out  # [T, H, D]
         num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
         group = num_heads // num_kv_heads
         for i in range(meta.num_seqs):
