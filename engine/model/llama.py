@@ -135,7 +135,8 @@ class Attention:
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [T, hidden] -> q [T, H, D], k and v [T, Hkv, D] (rows may be strided), rotated;
         on the fused path k/v are also in the cache already (``attend`` then writes none).
-        ``out``: contiguous q/k/v tensors to return them in (the step graphs' buffers)."""
+        ``out`` (fused path only): contiguous q/k/v tensors to return them in (the step
+        graphs' buffers)."""
         t = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if self.qkv_proj is not None:
@@ -150,13 +151,9 @@ class Attention:
             fused_ops().rotary_write_kv_(q, k, v, positions, self.rotary.cos, self.rotary.sin,
                                          kv_cache[0], kv_cache[1], slot_mapping, out)
             return (q, k, v) if out is None else out
-        q = self.rotary.apply(q, positions)
-        k = self.rotary.apply(k, positions)
-        if out is None:
-            return q, k, v
-        for o, t in zip(out, (q, k, v), strict=True):
-            o.copy_(t)
-        return out
+        if out is not None:
+            raise ValueError("q/k/v outputs are a fused (CUDA) path feature")
+        return self.rotary.apply(q, positions), self.rotary.apply(k, positions), v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
                meta: AttentionMetadata, out: torch.Tensor | None = None) -> torch.Tensor:
